@@ -1,0 +1,269 @@
+"""The building blocks of a Qwen3 decoder: RMSNorm, rotary embedding, attention, SwiGLU MLP, MoE block.
+
+Numerics follow transformers' Qwen3 modelling code (the reference): RMSNorm in float32 with the
+weight applied after casting back, RoPE tables computed in float32 and cast to the activation
+dtype, softmax routing in float32. Attention computes q, k, v (per-head RMSNorm on q and k before
+RoPE, as Qwen3 adds over Qwen2) and hands the actual attention to a backend object, so the same
+module runs with no cache, a contiguous KV cache, or the engine's paged cache.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen3.config import Qwen3Config
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dimension, computed in float32 like the reference."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_inverse_frequencies(config: Qwen3Config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin scale for plain, linear or YaRN RoPE (transformers' formulas)."""
+    dim, base = config.head_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq, 1.0
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    # YaRN: blend interpolated and extrapolated frequencies over a ramp of dimensions.
+    factor = scaling.get("factor") or config.max_position_embeddings / scaling["original_max_position_embeddings"]
+    original_max = scaling["original_max_position_embeddings"]
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+            attention_factor = mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original_max / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation_weight = 1 - ramp
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_weight) + (1.0 / pos_freqs) * extrapolation_weight
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables indexed by position, grown on demand (YaRN contexts reach 131k positions)."""
+
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        self.config = config
+        self._cos = self._sin = torch.empty(0)
+
+    def _grow(self, length: int, device: torch.device) -> None:
+        inv_freq, scale = rope_inverse_frequencies(self.config)
+        length = max(length, 2 * self._cos.shape[0], 4096)
+        freqs = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self._cos, self._sin = (emb.cos() * scale).to(device), (emb.sin() * scale).to(device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of shape positions.shape + (head_dim,), in ``dtype``."""
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if needed > self._cos.shape[0] or self._cos.device != positions.device:
+            self._grow(needed, positions.device)
+        return self._cos[positions].to(dtype), self._sin[positions].to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [B, T, H, D] with cos/sin [B, T, D]."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class AttentionBackend(Protocol):
+    """Where keys and values are kept and attention is computed; the model never knows which one.
+
+    ``q`` is [B, T, Hq, D]; ``k`` and ``v`` are [B, T, Hkv, D] for the new tokens only (RoPE applied).
+    Returns [B, T, Hq, D]. A backend with a cache stores k and v before attending.
+    """
+
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor: ...
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, offset: int = 0) -> torch.Tensor:
+    """SDPA over [B, T, H, D] tensors; query i sees keys 0..offset+i (grouped-query heads expanded)."""
+    groups = q.shape[2] // k.shape[2]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    t, s = q.shape[2], k.shape[2]
+    if t == 1 or offset == 0 and t == s:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=scale)
+    else:
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+class NoCache:
+    """Full-sequence causal attention with nothing kept: training and one-shot scoring."""
+
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        return causal_attention(q, k, v, scale)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with QK-norm; fused q/k/v projection (one matmul per step)."""
+
+    def __init__(self, config: Qwen3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.view(b, t, self.num_heads, self.head_dim))
+        k = self.k_norm(k.view(b, t, self.num_kv_heads, self.head_dim))
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = backend.attend(self.layer_idx, q, k, v, self.scale)
+        return self.o_proj(out.reshape(b, t, self.q_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward with gate and up fused into one matrix: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Experts(nn.Module):
+    """All experts' weights of one layer stacked, so tokens are routed in grouped batches."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; expert_ids and weights [N, k]. Returns sum_k weights * expert_k(x), [N, H]."""
+        n, top_k = expert_ids.shape
+        flat_ids = expert_ids.reshape(-1)
+        if n * top_k <= self.num_experts:
+            # Few tokens (decode): gather just the chosen experts' weights and run one batched matmul.
+            h = torch.bmm(self.gate_up_proj[flat_ids], x.repeat_interleave(top_k, dim=0).unsqueeze(-1))
+            gate, up = h.squeeze(-1).chunk(2, dim=-1)
+            out = torch.bmm(self.down_proj[flat_ids], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
+            out = out * weights.reshape(-1, 1)
+            return out.view(n, top_k, -1).sum(dim=1)
+        # Many tokens (prefill): sort token slots by expert and run each used expert once on its group.
+        order = flat_ids.argsort(stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        token_of_slot = order // top_k
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            slots = order[start : start + count]
+            tokens = token_of_slot[start : start + count]
+            start += count
+            gate, up = F.linear(x[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[expert])
+            y = y * weights.reshape(-1)[slots, None]
+            out.index_add_(0, tokens, y.to(out.dtype))
+        return out
+
+
+class SparseMoeBlock(nn.Module):
+    """Softmax router, top-k experts (optionally renormalised), no shared expert."""
+
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        probs = F.softmax(self.gate(flat), dim=-1, dtype=torch.float32)
+        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return self.experts(flat, expert_ids, weights.to(x.dtype)).view(shape)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and feed-forward (dense SwiGLU or MoE), each with a residual."""
+
+    def __init__(self, config: Qwen3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp: nn.Module = (
+            SparseMoeBlock(config)
+            if config.is_sparse_layer(layer_idx)
+            else MLP(config.hidden_size, config.intermediate_size)
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))

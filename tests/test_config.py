@@ -1,0 +1,85 @@
+"""config.json parsing: both dialects, every released size, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qwen3.config import ConfigError, Qwen3Config
+from qwen3.layers import rope_inverse_frequencies
+
+
+def test_official_0_6b_config(spec_dir):
+    config = Qwen3Config.from_file(spec_dir / "hf_qwen3_0.6b" / "config.json")
+    assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (1024, 16, 8)
+    assert config.head_dim == 128  # read from the config, not 1024 / 16
+    assert config.rope_theta == 1_000_000 and config.rope_scaling is None
+    assert config.tie_word_embeddings and config.torch_dtype == torch.bfloat16
+    assert not config.is_moe and config.architecture == "Qwen3ForCausalLM"
+
+
+def test_every_released_size_parses(spec_dir):
+    models = json.loads((spec_dir / "qwen3_configs.json").read_text())["models"]
+    for name, entry in models.items():
+        config = Qwen3Config.from_dict(entry["config.json"])
+        assert config.head_dim == 128, name
+        assert config.is_moe == ("A" in name.split("-")[-1]), name
+        if config.is_moe:
+            assert config.num_experts == 128 and config.num_experts_per_tok == 8 and config.norm_topk_prob
+            assert all(config.is_sparse_layer(i) for i in range(config.num_hidden_layers))
+
+
+def test_yarn_recipe_of_the_docs(spec_dir):
+    raw = json.loads((spec_dir / "hf_qwen3_0.6b" / "config.json").read_text())
+    raw["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    config = Qwen3Config.from_dict(raw)
+    inv_freq, scale = rope_inverse_frequencies(config)
+    assert scale == pytest.approx(0.1 * torch.log(torch.tensor(4.0)).item() + 1.0)
+    plain, _ = rope_inverse_frequencies(Qwen3Config.from_dict({**raw, "rope_scaling": None}))
+    assert inv_freq[0] == plain[0]  # high frequencies extrapolate unchanged
+    assert inv_freq[-1] == pytest.approx(plain[-1] / 4.0)  # low frequencies interpolate by the factor
+
+
+def test_transformers_5_dialect_equals_official():
+    official = {
+        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 8, "rope_theta": 1e6,
+        "rope_scaling": {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128},
+        "torch_dtype": "bfloat16",
+    }
+    v5 = {
+        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 8,
+        "rope_parameters": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128,
+                            "rope_theta": 1e6},
+        "dtype": "bfloat16",
+    }
+    a, b = Qwen3Config.from_dict(official), Qwen3Config.from_dict(v5)
+    assert a == b
+    assert a.num_experts == 8 and a.rope_theta == 1e6 and a.rope_scaling["rope_type"] == "yarn"
+    assert a.head_dim == 16  # absent: hidden_size / heads, as transformers does
+
+
+def test_round_trip_through_to_dict():
+    config = Qwen3Config.from_dict({"model_type": "qwen3", "hidden_size": 32, "num_attention_heads": 2,
+                                    "num_key_value_heads": 1, "head_dim": 8, "torch_dtype": "float16"})
+    again = Qwen3Config.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"model_type": "llama"}, "not a Qwen3 model"),
+        ({"model_type": "qwen3", "architectures": ["Qwen2ForCausalLM"]}, "do not match"),
+        ({"model_type": "qwen3", "num_attention_heads": 6, "num_key_value_heads": 4}, "multiple"),
+        ({"model_type": "qwen3", "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "not supported"),
+        ({"model_type": "qwen3", "use_sliding_window": True}, "sliding"),
+        ({"model_type": "qwen3", "torch_dtype": "int8"}, "dtype"),
+    ],
+)
+def test_bad_configs(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        Qwen3Config.from_dict(raw)
