@@ -3,7 +3,7 @@
 from qwen3.checkpoint import CheckpointError, load_model, save_model
 from qwen3.config import Qwen3Config
 from qwen3.hub import ModelNotFoundError
-from qwen3.model import Qwen3ForCausalLM, Qwen3MoeForCausalLM
+from qwen3.model import Qwen3ForCausalLM, Qwen3MoeForCausalLM, greedy_generate
 
 __version__ = "0.1.0"
 
@@ -14,5 +14,6 @@ __all__ = [
     "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM",
     "load_model",
+    "greedy_generate",
     "save_model",
 ]
