@@ -46,7 +46,9 @@ def weight_files(folder: Path) -> list[Path]:
         shards = []
         for tensor, shard in weight_map.items():
             if not (folder / shard).is_file():
-                raise CheckpointError(f"{index}: tensor {tensor!r} is in shard {shard!r}, which does not exist")
+                raise CheckpointError(
+                    f"{index}: tensor {tensor!r} is in shard {shard!r}, which does not exist"
+                )
             if shard not in shards:
                 shards.append(shard)
         return [folder / s for s in shards]

@@ -44,7 +44,9 @@ def rope_inverse_frequencies(config: Qwen3Config) -> tuple[torch.Tensor, float]:
     if scaling["rope_type"] == "linear":
         return inv_freq / scaling["factor"], 1.0
     # YaRN: blend interpolated and extrapolated frequencies over a ramp of dimensions.
-    factor = scaling.get("factor") or config.max_position_embeddings / scaling["original_max_position_embeddings"]
+    factor = (
+        scaling.get("factor") or config.max_position_embeddings / scaling["original_max_position_embeddings"]
+    )
     original_max = scaling["original_max_position_embeddings"]
 
     def mscale(scale: float, m: float = 1.0) -> float:
@@ -71,7 +73,9 @@ def rope_inverse_frequencies(config: Qwen3Config) -> tuple[torch.Tensor, float]:
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
     extrapolation_weight = 1 - ramp
     pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_weight) + (1.0 / pos_freqs) * extrapolation_weight
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_weight) + (
+        1.0 / pos_freqs
+    ) * extrapolation_weight
     return inv_freq, float(attention_factor)
 
 
@@ -118,7 +122,9 @@ class AttentionBackend(Protocol):
     ) -> torch.Tensor: ...
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, offset: int = 0) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, offset: int = 0
+) -> torch.Tensor:
     """SDPA over [B, T, H, D] tensors; query i sees keys 0..offset+i (grouped-query heads expanded)."""
     groups = q.shape[2] // k.shape[2]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -155,7 +161,9 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        )
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)

@@ -102,7 +102,12 @@ class KVCache:
     """
 
     def __init__(
-        self, config: Qwen3Config, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+        self,
+        config: Qwen3Config,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
     ) -> None:
         shape = (config.num_hidden_layers, batch_size, max_len, config.num_key_value_heads, config.head_dim)
         self.keys = torch.empty(shape, dtype=dtype, device=device)
@@ -120,7 +125,9 @@ class KVCache:
         self.values[layer_idx, :, start:end] = v
         if layer_idx == self.keys.shape[0] - 1:
             self.length = end
-        return causal_attention(q, self.keys[layer_idx, :, :end], self.values[layer_idx, :, :end], scale, start)
+        return causal_attention(
+            q, self.keys[layer_idx, :, :end], self.values[layer_idx, :, :end], scale, start
+        )
 
 
 @torch.inference_mode()

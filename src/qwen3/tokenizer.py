@@ -1,0 +1,304 @@
+"""Qwen3 tokenizer: the Hugging Face ``tokenizers`` pipeline, plus the chat template and a streaming detokenizer.
+
+The byte-level BPE itself is the Rust ``tokenizers`` library (fast, and byte-identical to what Qwen and
+transformers use); this module only loads it from a checkpoint folder, keeps the ids the runtime needs
+(eos/pad, the chat template) and adds :class:`StreamingDetokenizer`, which turns generated ids into text
+increments without ever splitting a UTF-8 character.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import numbers
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as _Backend
+
+from qwen3.hub import resolve_model_dir
+
+logger = logging.getLogger(__name__)
+
+# The Qwen2/2.5/3 pre-tokenisation regex (tokenizer.json of Qwen3; transformers' Qwen2Tokenizer). Note
+# ``\p{N}`` takes one digit at a time, so numbers are always split into single digits.
+PRETOKENIZE_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_REPLACEMENT_CHAR = "\ufffd"
+TOKENIZER_FILES = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+]
+# Written by save_pretrained when the loaded tokenizer_config.json lacks them (its own values win), so a saved
+# folder loads in transformers as the Qwen2Tokenizer it is.
+_DEFAULT_CONFIG: dict[str, Any] = {
+    "add_bos_token": False,
+    "add_prefix_space": False,
+    "bos_token": None,
+    "clean_up_tokenization_spaces": False,
+    "errors": "replace",
+    "split_special_tokens": False,
+    "tokenizer_class": "Qwen2Tokenizer",
+    "unk_token": None,
+}
+
+
+def _token_content(value: Any) -> str | None:
+    """tokenizer_config.json writes a token either as a string or as an AddedToken dict (``{"content": ...}``)."""
+    if isinstance(value, Mapping):
+        return value.get("content")
+    return value
+
+
+def build_backend(
+    vocab_file: str | os.PathLike,
+    merges_file: str | os.PathLike,
+    added_tokens_decoder: Mapping[str, Mapping[str, Any]] | None = None,
+) -> _Backend:
+    """Build the Qwen byte-level BPE pipeline from vocab.json + merges.txt, as transformers' Qwen2Tokenizer does.
+
+    Used when a checkpoint ships no tokenizer.json. ``added_tokens_decoder`` is tokenizer_config.json's
+    ``{id: {"content", "special", ...}}`` map; the tokens are added in id order and each must land on its id.
+    """
+    bpe = models.BPE.from_file(
+        str(vocab_file),
+        str(merges_file),
+        dropout=None,
+        unk_token=None,
+        continuing_subword_prefix="",
+        end_of_word_suffix="",
+        fuse_unk=False,
+        byte_fallback=False,
+    )
+    backend = _Backend(bpe)
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    for key, spec in sorted((added_tokens_decoder or {}).items(), key=lambda item: int(item[0])):
+        token = AddedToken(
+            spec["content"],
+            single_word=spec.get("single_word", False),
+            lstrip=spec.get("lstrip", False),
+            rstrip=spec.get("rstrip", False),
+            normalized=spec.get("normalized", False),
+            special=spec.get("special", False),
+        )
+        backend.add_tokens([token])
+        if backend.token_to_id(spec["content"]) != int(key):
+            raise ValueError(
+                f"added token {spec['content']!r} got id {backend.token_to_id(spec['content'])}, "
+                f"but tokenizer_config.json says {key}: vocab.json and the config do not match"
+            )
+    return backend
+
+
+class Tokenizer:
+    """A Qwen3 tokenizer: encode/decode text, the chat template, and streaming detokenisation.
+
+    Build it with :meth:`from_pretrained`. ``encode`` never adds BOS/EOS (Qwen adds none) and matches added
+    tokens such as ``<|im_start|>`` or ``<think>`` as whole strings before BPE, so rendered chat prompts
+    tokenize to the control ids the model was trained on.
+    """
+
+    def __init__(
+        self, backend: _Backend, config: Mapping[str, Any] | None = None, chat_template: str | None = None
+    ) -> None:
+        self.backend = backend
+        self.config: dict[str, Any] = dict(config or {})
+        self.chat_template = chat_template
+        self.eos_token: str | None = _token_content(self.config.get("eos_token"))
+        self.pad_token: str | None = _token_content(self.config.get("pad_token"))
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike) -> Tokenizer:
+        """Load from a folder or Hub repo id: tokenizer.json if present, else vocab.json + merges.txt.
+
+        tokenizer_config.json supplies the eos/pad tokens, the added tokens (when there is no
+        tokenizer.json) and the chat template; a ``chat_template.jinja`` file beside it wins over the
+        config's ``chat_template``, as in transformers.
+        """
+        folder = resolve_model_dir(source, allow_patterns=TOKENIZER_FILES)  # never fetch weights for this
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        if (folder / "tokenizer.json").is_file():
+            backend = _Backend.from_file(str(folder / "tokenizer.json"))
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            if not config:
+                logger.warning(
+                    "%s has no tokenizer_config.json: no added tokens (<|im_end|>, <think>, ...)", folder
+                )
+            backend = build_backend(
+                folder / "vocab.json", folder / "merges.txt", config.get("added_tokens_decoder")
+            )
+        else:
+            raise FileNotFoundError(f"{folder} has neither tokenizer.json nor vocab.json + merges.txt")
+        chat_template = config.pop("chat_template", None)
+        if isinstance(chat_template, list):  # legacy multi-template form: [{"name": ..., "template": ...}]
+            chat_template = {t["name"]: t["template"] for t in chat_template}.get("default")
+        if (folder / "chat_template.jinja").is_file():
+            chat_template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        return cls(backend, config, chat_template)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write tokenizer.json and tokenizer_config.json (with the chat template and added tokens).
+
+        The pair is what transformers' ``AutoTokenizer.from_pretrained`` needs, so a saved folder works
+        with both this class and transformers.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(folder / "tokenizer.json"))
+        added = {
+            str(i): {
+                "content": t.content,
+                "lstrip": t.lstrip,
+                "normalized": t.normalized,
+                "rstrip": t.rstrip,
+                "single_word": t.single_word,
+                "special": t.special,
+            }
+            for i, t in sorted(self.backend.get_added_tokens_decoder().items())
+        }
+        config = {
+            **_DEFAULT_CONFIG,
+            **self.config,
+            "added_tokens_decoder": added,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+        }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        return folder
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; nothing is prepended or appended."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``encode`` over many texts, in parallel inside the Rust library."""
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids``; invalid UTF-8 (e.g. half a character) becomes U+FFFD.
+
+        ``skip_special_tokens`` drops only tokens flagged special (for Qwen3 ids 151643..151656);
+        ``<think>``, ``</think>``, ``<tool_call>`` and the other added tokens are kept.
+        """
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a vocabulary entry (byte-level form, e.g. ``"Ġhello"``) or added token; None if unknown."""
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """Vocabulary entry of ``token_id`` in byte-level form; None if out of range."""
+        return self.backend.id_to_token(token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids text can map to, added tokens included (151,669 for Qwen3; the embedding is larger)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """Id of tokenizer_config.json's ``eos_token`` (``<|im_end|>`` for Qwen3 chat models)."""
+        return self.token_to_id(self.eos_token) if self.eos_token else None
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """Id of tokenizer_config.json's ``pad_token`` (``<|endoftext|>`` for Qwen3)."""
+        return self.token_to_id(self.pad_token) if self.pad_token else None
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids flagged special, i.e. those ``decode(..., skip_special_tokens=True)`` drops."""
+        return frozenset(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool = True,
+        tokenize: bool = True,
+        **kwargs: Any,
+    ) -> list[int] | str:
+        """Render ``messages`` with this tokenizer's chat template (the built-in Qwen3 one if it has none).
+
+        Returns token ids (``tokenize=True``) or the prompt text. Like transformers, the template also
+        sees ``eos_token``/``pad_token``; ``kwargs`` (e.g. ``continue_final_message``) go to
+        :func:`qwen3.chat.render`.
+        """
+        from qwen3.chat import render
+
+        template_vars = {k: v for k, v in (("eos_token", self.eos_token), ("pad_token", self.pad_token)) if v}
+        text = render(
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+            template=self.chat_template,
+            **{**template_vars, **kwargs},
+        )
+        return self.encode(text) if tokenize else text
+
+    def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
+        """A fresh :class:`StreamingDetokenizer` for one generated sequence."""
+        return StreamingDetokenizer(self, skip_special_tokens)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r}, pad={self.pad_token!r})"
+
+
+class StreamingDetokenizer:
+    """Turns ids arriving one (or a few) at a time into text increments that never split a character.
+
+    A character can span several byte-level tokens (most CJK characters and emoji do), and decoding a
+    lone piece gives U+FFFD. As in vLLM (prefix/read offsets), only a short window is decoded each step:
+    the ids emitted last step (context, so decoders that look at neighbours still see them) plus the new
+    ones; the increment is the window's text minus the context's text. While the window's text ends in
+    U+FFFD the incomplete character is held back. Each step costs O(window), not O(sequence), and the
+    increments concatenate to ``decode(all ids)``.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []  # the window only: [:_read] already emitted (context), [_read:] pending
+        self._read = 0
+        self._prefix_text = ""  # decode(self._ids[:self._read])
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def add(self, token_ids: int | Iterable[int]) -> str:
+        """Append ids; return the text they complete ("" while a character is still incomplete)."""
+        self._ids.extend([int(token_ids)] if isinstance(token_ids, numbers.Integral) else map(int, token_ids))
+        text = self._decode(self._ids)
+        if text.endswith(_REPLACEMENT_CHAR) or len(text) < len(self._prefix_text):
+            return ""
+        delta = text[len(self._prefix_text) :]
+        # Slide the window: the ids just emitted become the prefix that gives the next step its context.
+        del self._ids[: self._read]
+        self._read = len(self._ids)
+        self._prefix_text = self._decode(self._ids)
+        return delta
+
+    def flush(self) -> str:
+        """Return whatever is held back (an unfinished character comes out as U+FFFD) and reset."""
+        delta = self._decode(self._ids)[len(self._prefix_text) :]
+        self._ids, self._read, self._prefix_text = [], 0, ""
+        return delta
