@@ -15,3 +15,17 @@ def spec_dir() -> Path:
     if not SPEC_DIR.is_dir():
         pytest.skip(f"{SPEC_DIR} is absent (it holds the Qwen3 reference files; CI always has it)")
     return SPEC_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(spec_dir, tmp_path_factory) -> Path:
+    """A random 2-layer Qwen3 with the real vocabulary, tokenizer files and generation config."""
+    import shutil
+
+    from tests.reference import make_hf_checkpoint
+
+    folder = make_hf_checkpoint(tmp_path_factory.mktemp("tiny"), vocab_size=151936, num_hidden_layers=2)
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(spec_dir / "tokenizer" / name, folder / name)
+    shutil.copy(spec_dir / "hf_qwen3_0.6b" / "generation_config.json", folder / "generation_config.json")
+    return folder
