@@ -23,8 +23,9 @@ TINY = dict(
 TINY_MOE = dict(TINY, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2)
 
 
-def make_hf_checkpoint(folder: Path, moe: bool = False, seed: int = 0, max_shard_size: str | None = None,
-                       **overrides: Any) -> Path:
+def make_hf_checkpoint(
+    folder: Path, moe: bool = False, seed: int = 0, max_shard_size: str | None = None, **overrides: Any
+) -> Path:
     """Build a transformers Qwen3 (or Qwen3-MoE) model with random weights and save_pretrained it."""
     import transformers
 

@@ -55,7 +55,9 @@ def test_architecture_contradicting_model_type(bad):
 
 def test_missing_tensor(bad):
     edit_tensors(bad, lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*missing.*layers\.1\.self_attn\.k_norm\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors.*missing.*layers\.1\.self_attn\.k_norm\.weight"
+    ):
         load_model(bad)
 
 
@@ -124,7 +126,9 @@ def test_hub_id_offline_and_not_cached_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(ModelNotFoundError, match=r"Qwen/Qwen3-0\.6B.*not in the local Hugging Face cache.*OFFLINE"):
+    with pytest.raises(
+        ModelNotFoundError, match=r"Qwen/Qwen3-0\.6B.*not in the local Hugging Face cache.*OFFLINE"
+    ):
         load_model("Qwen/Qwen3-0.6B")
 
 

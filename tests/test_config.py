@@ -44,16 +44,29 @@ def test_yarn_recipe_of_the_docs(spec_dir):
 
 def test_transformers_5_dialect_equals_official():
     official = {
-        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 8, "rope_theta": 1e6,
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_experts": 8,
+        "rope_theta": 1e6,
         "rope_scaling": {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128},
         "torch_dtype": "bfloat16",
     }
     v5 = {
-        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 8,
-        "rope_parameters": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128,
-                            "rope_theta": 1e6},
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_local_experts": 8,
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "factor": 2.0,
+            "original_max_position_embeddings": 128,
+            "rope_theta": 1e6,
+        },
         "dtype": "bfloat16",
     }
     a, b = Qwen3Config.from_dict(official), Qwen3Config.from_dict(v5)
@@ -63,8 +76,16 @@ def test_transformers_5_dialect_equals_official():
 
 
 def test_round_trip_through_to_dict():
-    config = Qwen3Config.from_dict({"model_type": "qwen3", "hidden_size": 32, "num_attention_heads": 2,
-                                    "num_key_value_heads": 1, "head_dim": 8, "torch_dtype": "float16"})
+    config = Qwen3Config.from_dict(
+        {
+            "model_type": "qwen3",
+            "hidden_size": 32,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 8,
+            "torch_dtype": "float16",
+        }
+    )
     again = Qwen3Config.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
 

@@ -58,13 +58,16 @@ class AsyncLLM:
 
     def _loop(self) -> None:
         while not self._stopping:
-            self._drain_commands()
-            if not self.engine.has_unfinished():
+            with self.llm.lock:
+                self._drain_commands()
+                busy = self.engine.has_unfinished()
+            if not busy:
                 self._wake.wait(timeout=0.1)
                 self._wake.clear()
                 continue
             try:
-                outputs = self.engine.step()
+                with self.llm.lock:
+                    outputs = self.engine.step()
             except Exception as exc:  # a bug must not hang every client: fail their streams
                 logger.exception("engine step failed")
                 for request_id in list(self.engine.requests):

@@ -13,6 +13,42 @@ from pathlib import Path
 logger = logging.getLogger("qwen3")
 
 
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="checkpoint folder or Hugging Face Hub repo id (default: the shipped tiny Qwen3)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="weights and activations dtype (default: the checkpoint's own)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="torch device: cpu, cuda, cuda:1 (default: cuda if present)"
+    )
+    parser.add_argument(
+        "--max-model-len", type=int, default=None, help="context length (prompt + output) to serve"
+    )
+    parser.add_argument(
+        "--kv-cache-memory", default=None, help="KV-cache size, e.g. 2GiB (default: fits the context)"
+    )
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "sampling (default: the checkpoint's generation_config / Qwen3's advice)"
+    )
+    group.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    group.add_argument("--top-p", type=float, default=None)
+    group.add_argument("--top-k", type=int, default=None)
+    group.add_argument("--presence-penalty", type=float, default=None, help="0-2; against endless repetition")
+    group.add_argument("--max-tokens", type=int, default=None, help="cap on generated tokens")
+    group.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Print a checkpoint's architecture and size without loading its weights."""
     from qwen3.checkpoint import load_config, weight_files
@@ -74,6 +110,145 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_llm(args: argparse.Namespace):
+    from qwen3.llm import LLM
+
+    return LLM(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        kv_cache_memory=args.kv_cache_memory,
+    )
+
+
+def _sampling(args: argparse.Namespace, llm, **mode_defaults):
+    overrides = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "presence_penalty": args.presence_penalty,
+        "max_tokens": args.max_tokens,
+        "seed": args.seed,
+    }
+    return llm.default_sampling_params(
+        **{**mode_defaults, **{k: v for k, v in overrides.items() if v is not None}}
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Complete a raw prompt (no chat template) and stream the text to stdout."""
+    from qwen3.async_llm import AsyncLLM
+    from qwen3.llm import ChatRequest
+
+    llm = _load_llm(args)
+    front = AsyncLLM(llm)
+    params = _sampling(args, llm)
+    request = ChatRequest(llm.tokenizer.encode(args.prompt), params, None, False)
+    start, n = time.perf_counter(), 0
+    try:
+        for delta in front.stream_chat_sync(request):
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+            n += len(delta.token_ids)
+    finally:
+        front.shutdown()
+    print()
+    logger.info(
+        "%d tokens in %.2f s (%.1f tokens/s)",
+        n,
+        time.perf_counter() - start,
+        n / (time.perf_counter() - start),
+    )
+    return 0
+
+
+DIM, RESET = "\033[2m", "\033[0m"
+CHAT_HELP = """commands: /think and /no_think (alone: switch mode; inside a message: Qwen3's soft switch),
+/budget N (cap thinking at N tokens; /budget off), /reset (forget the conversation), /help, /exit"""
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Chat with a model: streams the answer, shows thinking dimmed, keeps the conversation."""
+    from qwen3.async_llm import AsyncLLM
+
+    llm = _load_llm(args)
+    front = AsyncLLM(llm)
+    history: list[dict[str, str]] = []
+    thinking, budget = not args.no_think, args.thinking_budget
+    color = sys.stdout.isatty()
+    try:
+        if args.prompt:
+            _chat_turn(front, args, history, args.prompt, thinking, budget, color)
+            return 0
+        print(
+            f"qwen3 chat: {llm.model_dir}  ({'thinking' if thinking else 'non-thinking'} mode)\n{CHAT_HELP}"
+        )
+        while True:
+            try:
+                line = input("\n> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
+            if not line:
+                continue
+            if line in ("/exit", "/quit"):
+                return 0
+            if line == "/help":
+                print(CHAT_HELP)
+            elif line == "/reset":
+                history.clear()
+                print("(conversation cleared)")
+            elif line in ("/think", "/no_think"):
+                thinking = line == "/think"
+                print(f"({'thinking' if thinking else 'non-thinking'} mode)")
+            elif line.startswith("/budget"):
+                value = line.removeprefix("/budget").strip()
+                budget = None if value in ("", "off") else int(value) if value.isdigit() else budget
+                print(f"(thinking budget: {budget if budget is not None else 'off'})")
+            else:
+                _chat_turn(front, args, history, line, thinking, budget, color)
+    finally:
+        front.shutdown()
+
+
+def _chat_turn(front, args, history, text, thinking, budget, color) -> None:
+    from qwen3.sampling import RECOMMENDED
+
+    history.append({"role": "user", "content": text})
+    llm = front.llm
+    params = _sampling(args, llm, **RECOMMENDED[thinking and budget != 0])
+    # Re-rendered from the whole history every turn: Qwen3's template drops earlier turns' thinking.
+    request = llm.prepare_chat(history, params, enable_thinking=thinking, thinking_budget=budget)
+    start, n, answer, in_reasoning = time.perf_counter(), 0, [], False
+    try:
+        for delta in front.stream_chat_sync(request):
+            n += len(delta.token_ids)
+            if delta.reasoning:
+                if not in_reasoning and color:
+                    sys.stdout.write(DIM)
+                in_reasoning = True
+                sys.stdout.write(delta.reasoning)
+            if delta.content or delta.tool_calls:
+                if in_reasoning:
+                    sys.stdout.write((RESET if color else "") + "\n\n")
+                    in_reasoning = False
+                sys.stdout.write(delta.content)
+                answer.append(delta.content)
+                for call in delta.tool_calls:
+                    sys.stdout.write(f"\n[tool call] {call.name}({call.arguments})")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass  # leaving the stream aborts the request and frees its cache
+    if in_reasoning and color:
+        sys.stdout.write(RESET)
+    elapsed = time.perf_counter() - start
+    history.append({"role": "assistant", "content": "".join(answer)})
+    sys.stdout.write(
+        f"\n{DIM if color else ''}[{n} tokens, {n / elapsed:.1f} tokens/s]{RESET if color else ''}\n"
+    )
+
+
 def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -98,6 +273,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     demo.set_defaults(func=cmd_demo)
 
+    generate = sub.add_parser("generate", help="complete a raw prompt", description=cmd_generate.__doc__)
+    _add_model_args(generate)
+    generate.add_argument("prompt", help="the prompt text (sent as is, no chat template)")
+    _add_sampling_args(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser(
+        "chat",
+        help="chat interactively (or answer one prompt)",
+        description=cmd_chat.__doc__,
+        epilog=CHAT_HELP,
+    )
+    _add_model_args(chat)
+    chat.add_argument(
+        "prompt", nargs="?", help="answer this one message and exit instead of starting the REPL"
+    )
+    chat.add_argument("--no-think", action="store_true", help="non-thinking mode (enable_thinking=False)")
+    chat.add_argument(
+        "--thinking-budget",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop thinking after N tokens and answer (0 = non-thinking)",
+    )
+    _add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
     info = sub.add_parser("info", help="show a checkpoint's architecture", description=cmd_info.__doc__)
     info.add_argument("--model", "-m", required=True, help="checkpoint folder or Hugging Face Hub repo id")
     info.set_defaults(func=cmd_info)
@@ -114,11 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from qwen3.checkpoint import CheckpointError
+    from qwen3.engine.llm_engine import RequestError
     from qwen3.hub import ModelNotFoundError
 
     try:
         return args.func(args)
-    except (CheckpointError, ModelNotFoundError) as exc:
+    except (CheckpointError, ModelNotFoundError, RequestError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
 

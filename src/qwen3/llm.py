@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -153,6 +154,8 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
         )
         self.engine = LLMEngine(self.model, self.tokenizer, engine_config, self.eos_token_ids())
+        # Held while anything steps the engine: offline calls and an AsyncLLM thread may share it.
+        self.lock = threading.RLock()
         logger.info(
             "KV cache: %d blocks of %d tokens (%.0f MiB), max_model_len %d",
             num_blocks,
@@ -283,6 +286,14 @@ class LLM:
         self, jobs: list[tuple[list[int], SamplingParams, int | None, bool]], use_tqdm: bool
     ) -> list[RequestOutput]:
         """Submit every job (``n`` sequences each), step the engine until all finish, collect in order."""
+        with self.lock:
+            if self.engine.has_unfinished():
+                raise RuntimeError("the engine is serving streaming requests; submit through AsyncLLM.stream")
+            return self._run_locked(jobs, use_tqdm)
+
+    def _run_locked(
+        self, jobs: list[tuple[list[int], SamplingParams, int | None, bool]], use_tqdm: bool
+    ) -> list[RequestOutput]:
         engine = self.engine
         texts: dict[str, list[str]] = {}
         order: list[tuple[str, list[str]]] = []
