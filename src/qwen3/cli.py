@@ -249,6 +249,17 @@ def _chat_turn(front, args, history, text, thinking, budget, color) -> None:
     )
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Measure qwen3 against transformers (and llama.cpp when it can be built) on one random checkpoint."""
+    from qwen3.bench import format_report, run
+
+    report = run(args)
+    print(format_report(report))
+    if args.output:
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -299,6 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser(
+        "bench", help="benchmark qwen3 against transformers and llama.cpp", description=cmd_bench.__doc__
+    )
+    from qwen3.bench import add_arguments
+
+    add_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
 
     info = sub.add_parser("info", help="show a checkpoint's architecture", description=cmd_info.__doc__)
     info.add_argument("--model", "-m", required=True, help="checkpoint folder or Hugging Face Hub repo id")

@@ -77,6 +77,19 @@ class Qwen3ForCausalLM(nn.Module):
         """Logits [B, T, vocab_size] for every input position."""
         return self.compute_logits(self.hidden_states(input_ids, positions, backend))
 
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> Qwen3ForCausalLM:
+        """Random initialisation as transformers does it: N(0, std) matrices, zero biases, unit norms."""
+        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, std, generator=gen)
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
