@@ -16,7 +16,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen3 import kernels
 from qwen3.config import Qwen3Config
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that can also run on a repacked copy of its weight (the CPU decode kernel).
+
+    :meth:`pack` is called once after loading for bf16 weights on CPU; until then, and for every
+    other dtype or device, it is exactly ``nn.Linear``.
+    """
+
+    packed: kernels.PackedWeight | None = None
+    packable = True  # False where the owner packs this weight in a fused layout of its own
+
+    def pack(self) -> None:
+        self.packed = kernels.pack_linear_weight(self.weight.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.packed, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -161,10 +181,8 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(
-            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
-        )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
@@ -188,10 +206,20 @@ class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.gate_up_proj.packable = False  # packed below, gate and up rows interleaved
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.packed_gate_up: kernels.PackedWeight | None = None
+
+    def pack(self) -> None:
+        """Interleave gate and up rows for the kernel that computes silu(gate) * up in one pass."""
+        gate, up = self.gate_up_proj.weight.detach().chunk(2, dim=0)
+        self.packed_gate_up = kernels.pack_gate_up_weight(gate, up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if self.packed_gate_up is not None and rows <= kernels.kernel_row_limit():
+            return self.down_proj(kernels.packed_gate_up_silu(x, self.packed_gate_up))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from qwen3 import kernels
 from qwen3.chat import ToolCall, parse_output, render
 from qwen3.checkpoint import load_model
 from qwen3.engine.llm_engine import EngineConfig, LLMEngine, StepOutput
@@ -136,6 +137,8 @@ class LLM:
         self.model_dir = folder
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(folder, dtype=dtype, device=device, progress=progress)
+        if self.model.use_cpu_kernels():
+            logger.info("using qwen3's CPU kernels (%s) for the linear layers", kernels.kernel_isa())
         self.tokenizer = Tokenizer.from_pretrained(folder)
         self.generation_config = _read_json(folder / "generation_config.json")
         config = self.model.config

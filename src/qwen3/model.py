@@ -17,8 +17,18 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from qwen3 import kernels
 from qwen3.config import Qwen3Config
-from qwen3.layers import AttentionBackend, DecoderLayer, NoCache, RMSNorm, RotaryEmbedding, causal_attention
+from qwen3.layers import (
+    MLP,
+    AttentionBackend,
+    DecoderLayer,
+    Linear,
+    NoCache,
+    RMSNorm,
+    RotaryEmbedding,
+    causal_attention,
+)
 
 
 class Qwen3Model(nn.Module):
@@ -48,7 +58,7 @@ class Qwen3ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Qwen3Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -76,6 +86,19 @@ class Qwen3ForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Logits [B, T, vocab_size] for every input position."""
         return self.compute_logits(self.hidden_states(input_ids, positions, backend))
+
+    def use_cpu_kernels(self) -> bool:
+        """Repack bf16 weights for qwen3's CPU matrix-vector kernels (inference only; costs a copy).
+
+        Returns False, changing nothing, when the model is not bf16 on CPU or the kernels are
+        unavailable. Weights must not change afterwards: the packed copies would go stale.
+        """
+        if self.device.type != "cpu" or self.dtype != torch.bfloat16 or not kernels.kernels_available():
+            return False
+        for module in self.modules():
+            if isinstance(module, MLP) or isinstance(module, Linear) and module.packable:
+                module.pack()
+        return True
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> Qwen3ForCausalLM:

@@ -1,0 +1,406 @@
+"""Decode-shaped linear layers on CPU: our own bf16 matrix-vector kernel, with torch as the fallback.
+
+At batch 1 a linear layer reads each weight once, so decoding speed is the speed at which the
+weights stream from memory; torch's CPU kernels reach a third to a half of the machine's read
+bandwidth for bf16 weights (see ``docs/benchmarks.md``). The C++ kernel in ``csrc/gemv.cpp`` streams
+weights that were repacked once, at load, into blocks of 16 output rows, and computes several
+output rows per instruction (AVX512-BF16 ``vdpbf16ps``, or AVX2+FMA where that is all the CPU has).
+
+Usage::
+
+    packed = pack_linear_weight(weight)          # once, at load; weight is bf16 [N, K]
+    y = packed_linear(x, packed, bias)           # x is [..., K], bf16 or float32; few rows
+    y = linear(x, weight, packed, bias)          # the kernel for few rows, F.linear otherwise
+
+The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (gcc + ninja) into
+``~/.cache/qwen3/kernels/<hash>``, the hash covering the source, torch's version and the instruction
+set flags, so a second process loads the cached build. If the CPU lacks the instructions, the build
+fails, or ``QWEN3_DISABLE_KERNELS=1`` is set, one warning is logged (none for the env var) and every
+function here computes the same thing with ``torch.nn.functional.linear``: correctness never
+depends on the kernel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DISABLE_ENV",
+    "ROW_LIMIT_ENV",
+    "PackedWeight",
+    "cpu_kernel_isa",
+    "kernel_isa",
+    "kernel_row_limit",
+    "kernels_available",
+    "linear",
+    "pack_gate_up_weight",
+    "pack_linear_weight",
+    "packed_gate_up_silu",
+    "packed_linear",
+]
+
+DISABLE_ENV = "QWEN3_DISABLE_KERNELS"
+"""Set to 1 to force the pure-torch fallback everywhere."""
+
+ROW_LIMIT_ENV = "QWEN3_KERNEL_MAX_ROWS"
+"""Overrides ``kernel_row_limit()``: ``linear`` uses the kernel for at most this many rows of x."""
+
+# Rows of x up to which ``linear`` prefers the kernel to F.linear, per kernel path. Measured with
+# benchmarks/bench_gemv.py and a 3072 x 1024 matrix on Zen 3 (AVX2 path): torch's bf16 matmul has no
+# fast path without AVX512-BF16 and scales linearly with M (M=512: 157 ms), while the kernel turns
+# compute-bound at ~180 GFLOPS, on a par with MKL's fp32 GEMM (M=512: 17.7 ms vs 18.8 ms for fp32
+# F.linear), so the kernel wins at every M. The AVX512-BF16 value is not measured yet (oneDNN has a
+# good bf16 GEMM there; the doc this module came from measured torch bf16 prefill near llama.cpp).
+_ROW_LIMITS = {"avx2": sys.maxsize, "avx512bf16": 16}
+
+ROW_BLOCK = 16
+"""Output rows per packed block (one 512-bit register of fp32 accumulators)."""
+
+K_ALIGN = 32
+"""K is zero-padded to a multiple of this (one 64-byte cache line of bf16)."""
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+
+_SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
+_LIBRARY = "qwen3_kernels"
+
+# Compiler flags for each instruction set the C++ source has a path for, best first, with the
+# /proc/cpuinfo flags each needs. Explicit flags rather than -march=native: the cache key then names
+# exactly what the build may use, and the path the source compiles is the one chosen here.
+_ISA_FLAGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "avx512bf16": (
+        ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx2", "fma"),
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx2", "-mfma", "-mf16c"),
+    ),
+    "avx2": (("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
+}
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ops" -> loaded op namespace or None, once tried
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU feature flags the kernel reports to userspace (/proc/cpuinfo), empty if unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_kernel_isa() -> str | None:
+    """The best kernel instruction set this CPU supports ("avx512bf16", "avx2"), or None.
+
+    None also on non-Linux/non-x86 machines, where the fallback is used.
+    """
+    flags = _cpu_flags()
+    for isa, (needed, _) in _ISA_FLAGS.items():
+        if all(f in flags for f in needed):
+            return isa
+    return None
+
+
+def _build_dir(isa: str, cflags: list[str]) -> Path:
+    h = hashlib.sha256()
+    h.update(_SOURCE.read_bytes())
+    for part in (torch.__version__, sys.version, isa, *cflags):
+        h.update(b"\0" + part.encode())
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "qwen3" / "kernels" / h.hexdigest()[:16]
+
+
+def _ensure_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; find the one the ``ninja`` wheel installs when the venv is not activated."""
+    if shutil.which("ninja"):
+        return
+    dirs = [Path(sys.executable).parent]
+    try:
+        import ninja  # the PyPI package
+
+        dirs.insert(0, Path(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    for d in dirs:
+        if (d / "ninja").is_file():
+            os.environ["PATH"] = f"{d}{os.pathsep}{os.environ.get('PATH', '')}"
+            return
+
+
+def _load(isa: str, namespace: str = _LIBRARY, defines: tuple[str, ...] = ()) -> object:
+    """Builds (or finds the cached build of) the extension for ``isa`` and loads it.
+
+    Returns ``torch.ops.<namespace>``. ``namespace`` and ``defines`` exist for test and tuning builds
+    (e.g. the emulated AVX-512 path), which can then live in one process beside the real one.
+    """
+    ops = getattr(torch.ops, namespace)
+    if hasattr(ops, "packed_linear"):
+        return ops
+    from torch.utils import cpp_extension
+
+    _ensure_ninja_on_path()
+    defines = (f"QWEN3_OPS_NAMESPACE={namespace}", *defines)
+    # -fno-trapping-math: nothing here relies on floating-point exceptions, and without it gcc will not
+    # vectorise the float -> int conversion in the SiLU's exp.
+    cflags = [
+        "-O3",
+        "-fno-trapping-math",
+        "-fopenmp",
+        "-Wno-unused-function",
+        *_ISA_FLAGS[isa][1],
+        *(f"-D{d}" for d in defines),
+    ]
+    build_dir = _build_dir(isa, cflags)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    import fcntl
+
+    with open(build_dir / "qwen3.flock", "w") as lock:
+        # torch serialises builds with a plain "lock" file that stays behind, and makes every later
+        # process wait forever, when a builder is killed mid-build (Ctrl-C, a test timeout). An
+        # flock is released by the OS when its holder dies; while we hold it no other qwen3 process
+        # is building here, so a "lock" file found now is stale.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        # is_python_module=False: the library registers torch ops (torch.ops.<namespace>.*) when it
+        # is loaded; no pybind11, which keeps the first build to ~12 s instead of ~40 s.
+        cpp_extension.load(
+            name=f"{namespace}_{build_dir.name}",
+            sources=[str(_SOURCE)],
+            extra_cflags=cflags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+    return ops
+
+
+def _register_fakes() -> None:
+    """Shape functions for the ops, so that torch.compile / export can trace through them."""
+
+    def linear_fake(
+        x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return x.new_empty(x.shape[0], n)
+
+    def gate_up_fake(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], n)
+
+    try:
+        torch.library.register_fake(f"{_LIBRARY}::packed_linear")(linear_fake)
+        torch.library.register_fake(f"{_LIBRARY}::packed_gate_up_silu")(gate_up_fake)
+    except Exception as e:  # only torch.compile needs them
+        logger.debug("could not register fake kernels: %s", e)
+
+
+def _ops() -> object | None:
+    """The loaded kernel op namespace, or None when the fallback must be used. Builds once per process."""
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return None
+    if "ops" in _state:
+        return _state["ops"]
+    with _lock:
+        if "ops" in _state:
+            return _state["ops"]
+        ops = None
+        isa = cpu_kernel_isa()
+        if isa is None:
+            logger.warning(
+                "qwen3 CPU kernels unavailable: this CPU has neither AVX512-BF16 nor AVX2+FMA; "
+                "using torch.nn.functional.linear"
+            )
+        else:
+            try:
+                ops = _load(isa)
+                _register_fakes()
+                _state["isa"] = str(ops.kernel_path())
+                logger.debug("qwen3 CPU kernels loaded (%s)", _state["isa"])
+            except Exception as e:  # any build or load failure means: use the fallback
+                logger.debug("qwen3 CPU kernel build failed", exc_info=True)
+                logger.warning(
+                    "qwen3 CPU kernels unavailable (%s: %s); using torch.nn.functional.linear",
+                    type(e).__name__,
+                    str(e).strip().splitlines()[-1] if str(e).strip() else "",
+                )
+                ops = None
+        _state["ops"] = ops
+        return ops
+
+
+def kernels_available() -> bool:
+    """Whether the C++ kernels are built and in use (False under ``QWEN3_DISABLE_KERNELS=1``)."""
+    return _ops() is not None
+
+
+def kernel_isa() -> str | None:
+    """The instruction-set path the loaded kernels use ("avx512bf16" or "avx2"), None when unavailable."""
+    return None if _ops() is None else str(_state["isa"])
+
+
+@dataclass(frozen=True, eq=False)
+class PackedWeight:
+    """A linear weight prepared for ``packed_linear`` / ``packed_gate_up_silu``.
+
+    ``data`` is the packed bf16 tensor ``[ceil(N/16) (x2 for gate/up), K_pad/2, 16, 2]`` when the
+    kernel is in use; otherwise ``data`` is None and ``weight`` keeps the original ``[N, K]`` weight
+    (``[2N, K]``, gate rows then up rows, for gate/up) for the ``F.linear`` fallback.
+    """
+
+    out_features: int
+    in_features: int
+    data: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    gate_up: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        t = self.data if self.data is not None else self.weight
+        return 0 if t is None else t.numel() * t.element_size()
+
+
+def _blocks(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> zero-padded [ceil(N/16), K_pad/2, 16, 2]: per block of 16 rows, per k pair, 16x2 weights."""
+    n, k = weight.shape
+    n_pad = -(-n // ROW_BLOCK) * ROW_BLOCK
+    k_pad = -(-k // K_ALIGN) * K_ALIGN
+    w = F.pad(weight.detach(), (0, k_pad - k, 0, n_pad - n))
+    return w.view(n_pad // ROW_BLOCK, ROW_BLOCK, k_pad // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def _kernel_weight_ok(weight: torch.Tensor) -> bool:
+    return weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and _ops() is not None
+
+
+def pack_linear_weight(weight: torch.Tensor) -> PackedWeight:
+    """Repacks a bf16 ``[N, K]`` linear weight for ``packed_linear`` (do it once, at load).
+
+    Other dtypes or devices, or no kernel: the weight is kept as it is and ``packed_linear`` uses
+    ``F.linear``. The packed copy does not alias ``weight``.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected a [N, K] weight, got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if not _kernel_weight_ok(weight):
+        return PackedWeight(out_features=n, in_features=k, weight=weight)
+    return PackedWeight(out_features=n, in_features=k, data=_blocks(weight))
+
+
+def pack_gate_up_weight(gate: torch.Tensor, up: torch.Tensor) -> PackedWeight:
+    """Packs a SwiGLU MLP's gate and up weights (both ``[N, K]``) for ``packed_gate_up_silu``.
+
+    Blocks of 16 rows alternate gate, up, gate, up..., so one thread computes matching rows of
+    both projections and applies ``silu(g) * u`` at once.
+    """
+    if gate.shape != up.shape or gate.dim() != 2:
+        raise ValueError(
+            f"gate and up must be [N, K] of one shape, got {tuple(gate.shape)}, {tuple(up.shape)}"
+        )
+    n, k = gate.shape
+    if not (_kernel_weight_ok(gate) and up.dtype == gate.dtype and up.device == gate.device):
+        return PackedWeight(out_features=n, in_features=k, weight=torch.cat([gate, up]), gate_up=True)
+    g, u = _blocks(gate), _blocks(up)
+    data = torch.stack([g, u], dim=1).reshape(2 * g.shape[0], *g.shape[1:])
+    return PackedWeight(out_features=n, in_features=k, data=data, gate_up=True)
+
+
+def _as_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [..., K] -> [M, K] in a dtype the kernel takes (bf16 or float32)."""
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
+    rows = x.reshape(-1, k)
+    return rows if rows.dtype in _KERNEL_DTYPES else rows.float()
+
+
+def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear in x's dtype (the kernel's contract), casting the weight and bias where they differ."""
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for x of shape ``[..., K]`` (meant for a few rows: decode), W packed.
+
+    bf16 and float32 x go to the kernel as they are (float32 x is rounded to bf16 on the AVX512-BF16
+    path, as ``vdpbf16ps`` takes bf16 pairs; accumulation is float32 on every path), other dtypes
+    through float32; the result has x's dtype. Any strides are accepted. Not differentiable.
+    Whether the kernel runs was decided by ``pack_linear_weight``: a packed weight always uses it.
+    """
+    data = packed.data
+    if data is None:
+        if packed.gate_up:
+            raise ValueError("this PackedWeight is a gate/up pair; use packed_gate_up_silu")
+        return _torch_linear(x, packed.weight, bias)
+    # The common decode case first, with as little Python as possible: ~3 us per call all told,
+    # which matters at ~200 calls per token.
+    if x.dim() == 2 and x.shape[1] == packed.in_features and x.dtype in _KERNEL_DTYPES and not packed.gate_up:
+        return torch.ops.qwen3_kernels.packed_linear.default(x, data, packed.out_features, bias)
+    if packed.gate_up:
+        raise ValueError("this PackedWeight is a gate/up pair; use packed_gate_up_silu")
+    y = torch.ops.qwen3_kernels.packed_linear.default(
+        _as_rows(x, packed.in_features), data, packed.out_features, bias
+    )
+    return y.to(x.dtype).reshape(*x.shape[:-1], packed.out_features)
+
+
+def packed_gate_up_silu(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
+    """``silu(x @ Wg.T) * (x @ Wu.T)`` for a ``pack_gate_up_weight`` pair, in one pass over the weights."""
+    if not packed.gate_up:
+        raise ValueError("packed_gate_up_silu needs a PackedWeight from pack_gate_up_weight")
+    data = packed.data
+    if data is None:
+        gate, up = _torch_linear(x, packed.weight, None).chunk(2, dim=-1)
+        return F.silu(gate) * up
+    if x.dim() == 2 and x.shape[1] == packed.in_features and x.dtype in _KERNEL_DTYPES:
+        return torch.ops.qwen3_kernels.packed_gate_up_silu.default(x, data, packed.out_features)
+    y = torch.ops.qwen3_kernels.packed_gate_up_silu.default(
+        _as_rows(x, packed.in_features), data, packed.out_features
+    )
+    return y.to(x.dtype).reshape(*x.shape[:-1], packed.out_features)
+
+
+def kernel_row_limit() -> int:
+    """Rows of x up to which ``linear`` uses the kernel (0 when there is none); see ``ROW_LIMIT_ENV``.
+
+    Read once per process and cached: it sits on the decode hot path (hundreds of calls per token).
+    """
+    limit = _state.get("row_limit")
+    if limit is None:
+        isa = kernel_isa()
+        env = os.environ.get(ROW_LIMIT_ENV, "")
+        limit = 0 if isa is None else int(env) if env else _ROW_LIMITS[isa]
+        if _ops() is not None:  # cache only once the kernels' fate is known
+            _state["row_limit"] = limit
+    return limit
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through the packed kernel when x has at most ``kernel_row_limit()`` rows.
+
+    Decode (few rows) is memory-bound and the kernel streams the weights faster than torch; for many
+    rows (prefill) torch's GEMM can be the better choice, depending on the CPU (see ``_ROW_LIMITS``).
+    """
+    if packed is None or packed.data is None or x.requires_grad:
+        return _torch_linear(x, weight, bias)
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows <= kernel_row_limit():
+        return packed_linear(x, packed, bias)
+    return _torch_linear(x, weight, bias)
