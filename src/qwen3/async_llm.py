@@ -9,6 +9,7 @@ same engine synchronously instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -51,6 +52,8 @@ class AsyncLLM:
         self._wake = threading.Event()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopping = False
+        self._pending_adds = 0  # add commands sent but not yet taken by the engine thread
+        self._count_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="qwen3-engine", daemon=True)
         self._thread.start()
 
@@ -85,6 +88,8 @@ class AsyncLLM:
                 return
             if command == "add":
                 request_id = args[0]
+                with self._count_lock:
+                    self._pending_adds -= 1
                 try:
                     self.engine.add_request(*args)
                 except Exception as exc:
@@ -99,6 +104,9 @@ class AsyncLLM:
             loop.call_soon_threadsafe(q.put_nowait, item)
 
     def _send(self, command: str, *args: Any) -> None:
+        if command == "add":
+            with self._count_lock:
+                self._pending_adds += 1
         self._commands.put((command, args))
         self._wake.set()
 
@@ -112,19 +120,27 @@ class AsyncLLM:
         thinking_budget: int | None = None,
         reasoning_started: bool = False,
         parse: bool = False,
+        answer_prefix_ids: list[int] | None = None,
+        parse_prefix: str = "",
     ) -> AsyncIterator[StreamDelta]:
         """Yield the request's deltas as they are decoded. Leaving the loop early aborts the request.
 
-        ``parse`` splits text into reasoning, content and tool-call deltas (chat requests).
-        Invalid requests raise :class:`qwen3.engine.RequestError` from the first iteration.
+        ``parse`` splits text into reasoning, content and tool-call deltas (chat requests), reading
+        ``parse_prefix`` (answer text the prompt already holds) first. ``answer_prefix_ids`` go to the
+        engine (inserted after ``</think>``). Invalid requests raise :class:`qwen3.engine.RequestError`
+        from the first iteration.
         """
         request_id = request_id or uuid.uuid4().hex
         q: asyncio.Queue = asyncio.Queue()
         self._sinks[request_id] = (asyncio.get_running_loop(), q)
         parser = StreamingOutputParser(reasoning_started) if parse else None
+        pending = parser.feed(parse_prefix) if parser is not None and parse_prefix else []
         output_ids: list[int] = []
         finished = False
-        self._send("add", request_id, list(prompt_token_ids), params, thinking_budget, reasoning_started)
+        self._send(
+            "add", request_id, list(prompt_token_ids), params, thinking_budget, reasoning_started,
+            list(answer_prefix_ids or []),
+        )  # fmt: skip
         try:
             while not finished:
                 item = await q.get()
@@ -137,7 +153,8 @@ class AsyncLLM:
                     logprobs=item.new_logprobs,
                 )  # fmt: skip
                 if parser is not None:
-                    pieces = parser.feed(item.new_text) + (parser.finish() if finished else [])
+                    pieces = pending + parser.feed(item.new_text) + (parser.finish() if finished else [])
+                    pending = []
                     delta.reasoning = "".join(p.text for p in pieces if p.kind == "reasoning")
                     delta.content = "".join(p.text for p in pieces if p.kind == "content")
                     delta.tool_calls = [p for p in pieces if p.kind == "tool_call"]
@@ -149,17 +166,25 @@ class AsyncLLM:
             if not finished:
                 self._send("abort", request_id)
 
+    def stream_chat(
+        self, request: ChatRequest, request_id: str | None = None, parse: bool = True
+    ) -> AsyncIterator[StreamDelta]:
+        """:meth:`stream` for a prepared chat request (see :meth:`qwen3.LLM.prepare_chat`)."""
+        return self.stream(
+            request.prompt_token_ids,
+            request.params,
+            request_id,
+            request.thinking_budget,
+            request.reasoning_started,
+            parse,
+            request.answer_prefix_ids,
+            request.parse_prefix,
+        )
+
     def stream_chat_sync(self, request: ChatRequest) -> Iterator[StreamDelta]:
         """Blocking iteration over :meth:`stream` for code without an event loop (the CLI)."""
         loop = asyncio.new_event_loop()
-        agen = self.stream(
-            request.prompt_token_ids,
-            request.params,
-            None,
-            request.thinking_budget,
-            request.reasoning_started,
-            True,
-        )
+        agen = self.stream_chat(request)
         try:
             while True:
                 try:
@@ -173,10 +198,27 @@ class AsyncLLM:
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
 
+    # --- load, for admission control and metrics (approximate: read without the engine lock) -------
+
+    def num_running(self) -> int:
+        """Sequences in the running batch."""
+        return len(self.engine.scheduler.running)
+
+    def num_waiting(self) -> int:
+        """Sequences submitted but not running: queued, preempted, or not yet taken by the engine thread."""
+        return max(0, self._pending_adds + len(self.engine.requests) - self.num_running())
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
     def shutdown(self) -> None:
-        """Stop the engine thread (in-flight requests are aborted)."""
+        """Stop the engine thread; requests still in flight are aborted and their streams raise."""
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=10)
-        for request_id in list(self.engine.requests):
-            self.engine.abort(request_id)
+        with self.llm.lock:
+            for request_id in list(self.engine.requests):
+                self.engine.abort(request_id)
+        for request_id in list(self._sinks):
+            with contextlib.suppress(RuntimeError):  # that stream's event loop is already closed
+                self._deliver(request_id, RuntimeError("the engine was shut down"))

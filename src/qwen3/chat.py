@@ -181,6 +181,24 @@ def render(
     return text
 
 
+def soft_switch(messages: Sequence[Mapping[str, Any]]) -> bool | None:
+    """The mode Qwen3's soft switches ask for: True after ``/think``, False after ``/no_think``, else None.
+
+    The flags are plain text the template leaves alone; the model was trained to follow the most recent
+    one in a user or system message (hybrid_thinking.md (b)), so the latest occurrence wins.
+    """
+    for message in reversed(messages):
+        if not isinstance(message, Mapping) or message.get("role") not in ("user", "system"):
+            continue
+        content = message.get("content")
+        if not isinstance(content, str):
+            continue
+        think, no_think = content.rfind("/think"), content.rfind("/no_think")
+        if think >= 0 or no_think >= 0:
+            return think > no_think
+    return None
+
+
 # --------------------------------------------------------------------------------------------- parsing
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -260,6 +261,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a model over an OpenAI-compatible HTTP API (chat completions, completions, models, metrics)."""
+    from qwen3.llm import LLM
+    from qwen3.server import ServerConfig, serve
+
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        kv_cache_memory=args.kv_cache_memory,
+    )
+    config = ServerConfig(
+        served_model_names=args.served_model_name or [args.model or "qwen3-default"],
+        api_key=args.api_key,
+        max_queue=args.max_queue,
+        chat_template=args.chat_template.read_text(encoding="utf-8") if args.chat_template else None,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    serve(llm, config, args.host, args.port)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the tiny hybrid-thinking Qwen3 on synthetic reasoning tasks (cold start, then Thinking Mode
+    Fusion) and write a Hugging Face folder; resumes from OUTPUT/checkpoint when there is one."""
+    from qwen3.training.trainer import run
+
+    return run(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a model (default: the shipped tiny Qwen3) on held-out reasoning problems: accuracy in
+    thinking and non-thinking mode, accuracy against the thinking budget, /think and /no_think
+    following, and tool use with the calculator; greedy decoding through the engine."""
+    from qwen3.eval import run
+
+    return run(args)
+
+
 def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -318,6 +360,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    serve = sub.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API", description=cmd_serve.__doc__
+    )
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("QWEN3_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/ routes (default: $QWEN3_API_KEY, else none)",
+    )
+    serve.add_argument(
+        "--served-model-name", nargs="+", default=None, metavar="NAME",
+        help="model name(s) clients use; the first appears in responses (default: the --model value)",
+    )  # fmt: skip
+    serve.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch (default: 64)")
+    serve.add_argument(
+        "--max-queue", type=int, default=256,
+        help="sequences that may wait beyond the batch; more get 503 (default: 256)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--chat-template", type=Path, default=None, metavar="FILE",
+        help="jinja chat template to use instead of the checkpoint's",
+    )  # fmt: skip
+    serve.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, metavar="S",
+        help="on SIGTERM, seconds in-flight requests get to finish before they are aborted (default: 30)",
+    )  # fmt: skip
+    serve.set_defaults(func=cmd_serve)
+
+    train = sub.add_parser(
+        "train",
+        help="train the tiny hybrid-thinking Qwen3 (the shipped default model)",
+        description=cmd_train.__doc__,
+        epilog="Data parallel: torchrun --nproc-per-node 2 -m qwen3 train --output DIR ...",
+    )
+    from qwen3.training.trainer import add_arguments as add_train_arguments
+
+    add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="evaluate thinking, non-thinking, budgets, mode following and tool use",
+        description=cmd_eval.__doc__,
+    )
+    from qwen3.eval import add_arguments as add_eval_arguments
+
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
 
     info = sub.add_parser("info", help="show a checkpoint's architecture", description=cmd_info.__doc__)
     info.add_argument("--model", "-m", required=True, help="checkpoint folder or Hugging Face Hub repo id")

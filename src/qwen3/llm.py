@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qwen3 import kernels
-from qwen3.chat import ToolCall, parse_output, render
+from qwen3.chat import THINK_OPEN, ToolCall, parse_output, render, soft_switch
 from qwen3.checkpoint import load_model
 from qwen3.engine.llm_engine import EngineConfig, LLMEngine, StepOutput
 from qwen3.hub import resolve_model_dir
@@ -115,6 +115,8 @@ class ChatRequest:
     params: SamplingParams
     thinking_budget: int | None
     reasoning_started: bool  # the prompt itself opened <think> (Thinking-2507 template)
+    answer_prefix_ids: list[int] = field(default_factory=list)  # the engine inserts them after </think>
+    parse_prefix: str = ""  # answer text the prompt already holds: the output parser reads it first
 
 
 class LLM:
@@ -192,7 +194,7 @@ class LLM:
         batch = _as_prompt_list(prompts)
         sampling = sampling or self.default_sampling_params()
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in batch]
-        return self._run([(i, sampling, None, False) for i in ids], use_tqdm)
+        return self._run([ChatRequest(i, sampling, None, False) for i in ids], use_tqdm)
 
     def chat(
         self,
@@ -203,6 +205,7 @@ class LLM:
         tools: Sequence[Mapping[str, Any]] | None = None,
         use_tqdm: bool = False,
         chat_template: str | None = None,
+        answer_prefix: str = "",
         **template_kwargs: Any,
     ) -> ChatOutput | list[ChatOutput]:
         """Answer one conversation (returns a ChatOutput) or a list of them (returns a list).
@@ -210,21 +213,30 @@ class LLM:
         ``thinking_budget`` caps the tokens spent inside ``<think>``; 0 means non-thinking mode.
         Without ``sampling``, Qwen3's recommended settings for the mode are used. ``chat_template``
         replaces the checkpoint's template; ``template_kwargs`` become template variables.
+        ``answer_prefix`` forces the start of the answer (see :meth:`prepare_chat`).
         """
         single = bool(conversations) and isinstance(conversations[0], Mapping)
         convs: list[Conversation] = [conversations] if single else list(conversations)  # type: ignore[list-item]
+        options = dict(tools=tools, chat_template=chat_template, answer_prefix=answer_prefix)
         requests = [
-            self.prepare_chat(
-                c, sampling, enable_thinking, thinking_budget, tools, chat_template, **template_kwargs
-            )
+            self.prepare_chat(c, sampling, enable_thinking, thinking_budget, **options, **template_kwargs)
             for c in convs
         ]
-        jobs = [(r.prompt_token_ids, r.params, r.thinking_budget, r.reasoning_started) for r in requests]
-        results = self._run(jobs, use_tqdm)
-        outputs = [
-            self._chat_output(res, req.reasoning_started) for res, req in zip(results, requests, strict=True)
-        ]
+        results = self._run(requests, use_tqdm)
+        outputs = [self._chat_output(res, req) for res, req in zip(results, requests, strict=True)]
         return outputs[0] if single else outputs
+
+    def recommended_sampling(
+        self, messages: Conversation, enable_thinking: bool = True, thinking_budget: int | None = None
+    ) -> SamplingParams:
+        """Qwen3's recommended sampling for the mode this conversation will run in.
+
+        The mode is the hard switch (``enable_thinking``, budget 0 = off), then, when thinking is on,
+        the latest ``/think`` or ``/no_think`` soft switch in the conversation: the model follows that
+        flag, so a ``/no_think`` turn is sampled with the non-thinking settings.
+        """
+        thinking = enable_thinking and thinking_budget != 0 and soft_switch(messages) is not False
+        return self.default_sampling_params(**RECOMMENDED[thinking])
 
     def prepare_chat(
         self,
@@ -234,11 +246,18 @@ class LLM:
         thinking_budget: int | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         chat_template: str | None = None,
+        answer_prefix: str = "",
         **template_kwargs: Any,
     ) -> ChatRequest:
-        """Render one conversation and choose its sampling: what :meth:`chat` and streaming both submit."""
+        """Render one conversation and choose its sampling: what :meth:`chat` and streaming both submit.
+
+        ``answer_prefix`` is text the answer must start with (a server forcing a tool call puts
+        ``<tool_call>`` here). In non-thinking mode it simply ends the prompt. In thinking mode the model
+        thinks first: the prompt opens ``<think>`` (as the model itself would) and the engine inserts the
+        prefix right after ``</think>``, whether the model closes its thinking or the budget does.
+        """
         thinking = enable_thinking and thinking_budget != 0
-        sampling = sampling or self.default_sampling_params(**RECOMMENDED[thinking])
+        sampling = sampling or self.recommended_sampling(messages, enable_thinking, thinking_budget)
         prompt = render(
             messages,
             tools=tools,
@@ -246,13 +265,27 @@ class LLM:
             template=chat_template or self.tokenizer.chat_template,
             **template_kwargs,
         )
-        started = prompt.rstrip().endswith("<think>")
+        started = prompt.rstrip().endswith(THINK_OPEN)
+        prefix_ids: list[int] = []
+        parse_prefix = ""
+        if answer_prefix and thinking:
+            if not started:
+                prompt, started = prompt + THINK_OPEN + "\n", True
+            prefix_ids = self.tokenizer.encode(answer_prefix)
+        elif answer_prefix:
+            prompt, parse_prefix = prompt + answer_prefix, answer_prefix
         return ChatRequest(
-            self.tokenizer.encode(prompt), sampling, thinking_budget if thinking else None, started
+            self.tokenizer.encode(prompt),
+            sampling,
+            thinking_budget if thinking else None,
+            started,
+            prefix_ids,
+            parse_prefix,
         )
 
-    def _chat_output(self, result: RequestOutput, reasoning_started: bool) -> ChatOutput:
-        reasoning, content, tool_calls = parse_output(result.text, reasoning_started=reasoning_started)
+    def _chat_output(self, result: RequestOutput, request: ChatRequest) -> ChatOutput:
+        started = request.reasoning_started
+        reasoning, content, tool_calls = parse_output(request.parse_prefix + result.text, started)
         finish = result.finish_reason
         if tool_calls and finish == "stop":
             finish = "tool_calls"
@@ -262,7 +295,7 @@ class LLM:
             tool_calls,
             result.token_ids,
             finish,
-            self.usage(result.prompt_token_ids, result.token_ids, reasoning_started),
+            self.usage(result.prompt_token_ids, result.token_ids, started),
             result.text,
         )
 
@@ -285,28 +318,32 @@ class LLM:
             "total_tokens": len(prompt_ids) + len(output_ids),
         }
 
-    def _run(
-        self, jobs: list[tuple[list[int], SamplingParams, int | None, bool]], use_tqdm: bool
-    ) -> list[RequestOutput]:
+    def _run(self, jobs: list[ChatRequest], use_tqdm: bool) -> list[RequestOutput]:
         """Submit every job (``n`` sequences each), step the engine until all finish, collect in order."""
         with self.lock:
             if self.engine.has_unfinished():
                 raise RuntimeError("the engine is serving streaming requests; submit through AsyncLLM.stream")
             return self._run_locked(jobs, use_tqdm)
 
-    def _run_locked(
-        self, jobs: list[tuple[list[int], SamplingParams, int | None, bool]], use_tqdm: bool
-    ) -> list[RequestOutput]:
+    def _run_locked(self, jobs: list[ChatRequest], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine
         texts: dict[str, list[str]] = {}
         order: list[tuple[str, list[str]]] = []
-        for prompt_ids, params, budget, started in jobs:
+        for job in jobs:
             request_id = uuid.uuid4().hex
             seq_ids = []
+            params = job.params
             for i in range(params.n):
                 seed = params.seed + i if params.seed is not None else None
                 seq_id = f"{request_id}-{i}"
-                engine.add_request(seq_id, prompt_ids, params.replace(seed=seed, n=1), budget, started)
+                engine.add_request(
+                    seq_id,
+                    job.prompt_token_ids,
+                    params.replace(seed=seed, n=1),
+                    job.thinking_budget,
+                    job.reasoning_started,
+                    job.answer_prefix_ids,
+                )
                 texts[seq_id] = []
                 seq_ids.append(seq_id)
             order.append((request_id, seq_ids))

@@ -92,6 +92,7 @@ class LLMEngine:
         self.stop_thinking_ids = tokenizer.encode(STOP_THINKING_TEXT)
         self.think_start_id = tokenizer.token_to_id("<think>")
         self.think_end_id = tokenizer.token_to_id("</think>")
+        self.think_gap_ids = tokenizer.encode("\n\n")  # what follows </think> before the answer
         self.num_steps = 0
 
     @staticmethod
@@ -104,17 +105,12 @@ class LLMEngine:
 
     # --- requests ---------------------------------------------------------------------------------
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        thinking_budget: int | None = None,
-        reasoning_started: bool = False,
-    ) -> None:
-        """Queue a request. ``reasoning_started``: the prompt already opened ``<think>``."""
-        if request_id in self.requests:
-            raise RequestError("request_id", f"{request_id!r} is already running")
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise :class:`RequestError` if ``add_request`` would refuse this prompt.
+
+        Callable from any thread (it reads only fixed configuration), so a server can answer 400
+        before it commits to a streaming response.
+        """
         if not prompt_token_ids:
             raise RequestError("prompt", "is empty")
         limit = self.config.max_model_len
@@ -132,13 +128,34 @@ class LLMEngine:
                 f"needs {self.blocks.blocks_for(longest)} KV-cache blocks at most; the cache has "
                 f"{self.blocks.num_blocks} (raise kv_cache_memory or lower max_tokens)",
             )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        thinking_budget: int | None = None,
+        reasoning_started: bool = False,
+        answer_prefix_ids: list[int] | None = None,
+    ) -> None:
+        """Queue a request. ``reasoning_started``: the prompt already opened ``<think>``.
+
+        ``answer_prefix_ids`` are inserted where the reasoning ends (after ``</think>\\n\\n``, whether the
+        model closed its thinking or the budget did), so the answer is forced to begin with them — how
+        a server makes a thinking model call a tool without cutting its thinking short.
+        """
+        if request_id in self.requests:
+            raise RequestError("request_id", f"{request_id!r} is already running")
+        self.check_request(prompt_token_ids, params)
         seq = Sequence(request_id, list(prompt_token_ids), params)
-        if thinking_budget is not None and self.think_start_id is not None and self.think_end_id is not None:
+        seq.answer_prefix_ids = list(answer_prefix_ids or [])
+        tracked = thinking_budget is not None or seq.answer_prefix_ids
+        if tracked and self.think_start_id is not None and self.think_end_id is not None:
             seq.thinking = ThinkingBudget(thinking_budget, self.think_start_id, self.think_end_id)
             seq.thinking.inside = reasoning_started
-            if reasoning_started and thinking_budget <= 0:
+            if reasoning_started and thinking_budget is not None and thinking_budget <= 0:
                 seq.thinking.close()
-                seq.token_ids.extend(self.stop_thinking_ids)
+                seq.token_ids.extend(self.stop_thinking_ids + seq.answer_prefix_ids)
         self.requests[request_id] = _Request(seq, self.tokenizer.detokenizer(skip_special_tokens=True))
         self.scheduler.add(seq)
 
@@ -191,9 +208,14 @@ class LLMEngine:
             finish, seq.stop_reason = "stop", token
         else:
             request.text += request.detokenizer.add(token)
-            if seq.thinking is not None and seq.thinking.observe(token):
-                seq.thinking.close()
-                inserted = list(self.stop_thinking_ids)
+            thinking = seq.thinking
+            if thinking is not None and not thinking.finished:
+                if thinking.observe(token):  # the budget is spent: close the reasoning ourselves
+                    thinking.close()
+                    inserted = self.stop_thinking_ids + seq.answer_prefix_ids
+                elif thinking.finished and seq.answer_prefix_ids:  # the model closed it
+                    inserted = self.think_gap_ids + seq.answer_prefix_ids
+            if inserted:
                 seq.token_ids.extend(inserted)
                 seq.logprobs.extend([None] * len(inserted))
                 new_ids += inserted

@@ -25,7 +25,7 @@ class ThinkingBudget:
     stop-thinking instruction and ``</think>`` itself, and the model answers from what it has.
     """
 
-    budget: int
+    budget: int | None  # None: no cap, only track where the reasoning ends (for an answer prefix)
     think_start_id: int
     think_end_id: int
     inside: bool = False  # True when the prompt already opened <think> (Thinking-2507 template)
@@ -44,7 +44,7 @@ class ThinkingBudget:
             self.inside, self.finished = False, True
             return False
         self.count += 1
-        return self.count >= self.budget
+        return self.budget is not None and self.count >= self.budget
 
     def close(self) -> None:
         self.inside, self.finished = False, True
@@ -65,6 +65,7 @@ class Sequence:
     stop_reason: str | int | None = None
     generator: torch.Generator | None = None
     thinking: ThinkingBudget | None = None
+    answer_prefix_ids: list[int] = field(default_factory=list)  # inserted where the reasoning ends
     logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None

@@ -1,0 +1,218 @@
+"""The FastAPI app (routes, auth, lifespan) and :func:`serve`, which runs it under uvicorn.
+
+The engine thread (:class:`qwen3.async_llm.AsyncLLM`) starts with the app and stops with it. On SIGTERM
+or Ctrl+C uvicorn stops accepting connections, gives in-flight requests ``shutdown_timeout`` seconds to
+finish, cancels what is left (which aborts those sequences), then the lifespan stops the engine and
+:func:`serve` returns, so ``qwen3 serve`` exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from qwen3.async_llm import AsyncLLM
+from qwen3.llm import LLM
+from qwen3.server import chat_completions, completions
+from qwen3.server.errors import APIError, from_validation_error, install_handlers
+from qwen3.server.metrics import CONTENT_TYPE, Metrics
+from qwen3.server.protocol import ChatCompletionRequest, CompletionRequest
+from qwen3.server.serving import ServerConfig, ServerState, unless_disconnected
+
+logger = logging.getLogger(__name__)
+
+Body = TypeVar("Body", bound=BaseModel)
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class RequestMiddleware:
+    """Around every HTTP exchange: the API key check for ``/v1/``, the status count for ``/metrics``,
+    and giving back the exchange's admitted sequences when it ends, however it ends.
+
+    A plain ASGI middleware rather than ``BaseHTTPMiddleware``, so streaming responses pass through
+    untouched and a client's disconnect still reaches the stream.
+    """
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+        key = state.config.api_key
+        self._expected = f"Bearer {key}".encode() if key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "/v1/models" if path.startswith("/v1/models/") else "other"
+        status = 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if path.startswith("/v1/") and not self._authorized(scope):
+                error = APIError(
+                    401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key"
+                )
+                await error.response({"WWW-Authenticate": "Bearer"})(scope, receive, send_and_note)
+                return
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.state.release(scope)
+            self.state.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+    def _authorized(self, scope: Scope) -> bool:
+        if self._expected is None:
+            return True
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        return secrets.compare_digest(given, self._expected)
+
+
+async def parse_body(request: Request, model: type[Body]) -> Body:
+    """The JSON body as ``model``; whatever the content type says (curl -d sends form encoding)."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise APIError(400, f"invalid JSON body: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def _model_card(state: ServerState, name: str) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "qwen3",
+        "root": str(state.llm.model_dir),
+        "max_model_len": state.llm.engine.config.max_model_len,
+    }
+
+
+def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
+    """An OpenAI-compatible app serving ``llm``. The engine thread runs while the app's lifespan does."""
+    state = ServerState(llm, config, Metrics())
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        state.front = AsyncLLM(llm)
+        state.metrics.watch_engine(state.front)
+        logger.info("serving %s as %s", llm.model_dir, ", ".join(config.served_model_names))
+        try:
+            yield
+        finally:
+            logger.info("stopping the engine")
+            state.front.shutdown()
+
+    app = FastAPI(title="qwen3", summary="OpenAI-compatible Qwen3 server", lifespan=lifespan)
+    app.state.qwen3 = state
+    install_handlers(app)
+    app.add_middleware(RequestMiddleware, state=state)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """Liveness: 200 while the engine thread runs."""
+        alive = state.front is not None and state.front.is_alive()
+        return JSONResponse(
+            {"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text exposition."""
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(state, name) for name in config.served_model_names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        state.check_model(model_id)
+        return _model_card(state, model_id)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        arrival = time.perf_counter()
+        body = await parse_body(request, ChatCompletionRequest)
+        state.check_model(body.model)
+        front = state.engine_front()
+        prepared = chat_completions.prepare(state, body)
+        state.admit(request.scope, body.n)
+        state.metrics.prompt_tokens.inc(len(prepared.prompt_token_ids))
+        if body.stream:
+            events = chat_completions.stream(state, front, body, prepared, arrival)
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        result = await unless_disconnected(
+            request, chat_completions.complete(state, front, body, prepared, arrival)
+        )
+        return JSONResponse(result)
+
+    @app.post("/v1/completions")
+    async def complete(request: Request) -> Response:
+        arrival = time.perf_counter()
+        body = await parse_body(request, CompletionRequest)
+        state.check_model(body.model)
+        front = state.engine_front()
+        prompts, params = completions.prepare(state, body)
+        state.admit(request.scope, len(prompts) * body.n)
+        state.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+        if body.stream:
+            events = completions.stream(state, front, body, prompts, params, arrival)
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        result = await unless_disconnected(
+            request, completions.complete(state, front, body, prompts, params, arrival)
+        )
+        return JSONResponse(result)
+
+    return app
+
+
+def _after_shutdown(signum: int, _frame: Any) -> None:
+    """uvicorn re-raises the signal it shut down on; by then the work is done, so exit normally."""
+    logger.info("shut down on %s", signal.Signals(signum).name)
+
+
+def serve(llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve ``llm`` until SIGTERM or Ctrl+C, then shut down gracefully and return."""
+    app = create_app(llm, config)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_config=None,  # the qwen3 command's logging setup applies
+            timeout_graceful_shutdown=config.shutdown_timeout,
+        )
+    )
+    handled = (signal.SIGINT, signal.SIGTERM)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, _after_shutdown) for sig in handled} if main_thread else {}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

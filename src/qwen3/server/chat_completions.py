@@ -1,0 +1,244 @@
+"""``POST /v1/chat/completions``: an OpenAI chat request in; reasoning, content and tool calls out.
+
+The request is rendered by :meth:`qwen3.LLM.prepare_chat` — the same path as offline ``LLM.chat``, so a
+greedy or seeded request answers exactly as it would offline. Thinking is controlled the way vLLM and
+SGLang accept it (``chat_template_kwargs.enable_thinking``) plus a ``thinking_budget`` field (0 means
+non-thinking); sampling fields the client leaves out take Qwen3's recommended values for the mode.
+
+``tool_choice``: ``auto`` renders the tools and lets the model decide; ``none`` renders no tools;
+``required`` forces the answer to start with ``<tool_call>``, and a named function with
+``<tool_call>\\n{"name": "NAME", "arguments": ``, so the model writes only the arguments. In thinking mode
+the model first thinks as usual and the engine inserts that prefix right after ``</think>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import jinja2
+
+from qwen3.async_llm import AsyncLLM
+from qwen3.chat import parse_output
+from qwen3.llm import ChatRequest
+from qwen3.server.errors import APIError
+from qwen3.server.protocol import ChatCompletionRequest, NamedToolChoice, tool_call_prefix
+from qwen3.server.serving import (
+    SSE_DONE,
+    ServerState,
+    TokenText,
+    Usage,
+    chat_logprobs,
+    choice_params,
+    merge,
+    new_id,
+    sse,
+)
+
+logger = logging.getLogger(__name__)
+
+# Template variables the server sets itself; chat_template_kwargs may not override them.
+RESERVED_TEMPLATE_VARS = frozenset(
+    {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "template"}
+)
+
+
+def prepare(state: ServerState, body: ChatCompletionRequest) -> ChatRequest:
+    """Render the conversation and pick sampling; every mistake is a 400 naming the field."""
+    llm = state.llm
+    messages = [message.to_template() for message in body.messages]
+    template_vars = dict(body.chat_template_kwargs or {})
+    enable_thinking = template_vars.pop("enable_thinking", True)
+    if not isinstance(enable_thinking, bool):
+        name = "chat_template_kwargs.enable_thinking"
+        raise APIError(400, f"{name}: must be true or false", param=name)
+    reserved = sorted(RESERVED_TEMPLATE_VARS & template_vars.keys())
+    if reserved:
+        name = f"chat_template_kwargs.{reserved[0]}"
+        raise APIError(400, f"{name}: is set by the server", param=name)
+    tools, prefix = _tools(body)
+    defaults = llm.recommended_sampling(messages, enable_thinking, body.thinking_budget)
+    params = state.sampling(defaults, body.sampling_overrides(), body.param_name)
+    try:
+        request = llm.prepare_chat(
+            messages,
+            params,
+            enable_thinking,
+            body.thinking_budget,
+            tools,
+            state.config.chat_template,
+            prefix,
+            **template_vars,
+        )
+    except (ValueError, jinja2.TemplateError) as exc:
+        raise APIError(400, f"messages: {exc}", param="messages") from None
+    state.check_prompt(request.prompt_token_ids, params, "messages")
+    return request
+
+
+def _tools(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, str]:
+    """The tools to render and the answer prefix that ``tool_choice`` asks for."""
+    choice = body.tool_choice
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+    if choice in (None, "auto"):
+        return tools, ""
+    if choice == "none":
+        return None, ""
+    if not tools:
+        raise APIError(400, "tool_choice: forcing a tool call needs tools", param="tool_choice")
+    if isinstance(choice, NamedToolChoice):
+        names = [tool["function"]["name"] for tool in tools]
+        if choice.function.name not in names:
+            param = "tool_choice.function.name"
+            raise APIError(400, f"{param}: {choice.function.name!r} is not one of the tools", param=param)
+    return tools, tool_call_prefix(choice)
+
+
+def _streams(
+    state: ServerState,
+    front: AsyncLLM,
+    request: ChatRequest,
+    n: int,
+    request_id: str,
+    arrival: float,
+    parse: bool,
+) -> list[AsyncIterator]:
+    return [
+        state.metrics.observe(
+            front.stream_chat(
+                dataclasses.replace(request, params=choice_params(request.params, i)),
+                f"{request_id}-{i}",
+                parse,
+            ),
+            arrival,
+        )
+        for i in range(n)
+    ]
+
+
+def _finish_reason(reason: str | None, called_tools: bool) -> str | None:
+    return "tool_calls" if called_tools and reason == "stop" else reason
+
+
+async def complete(
+    state: ServerState, front: AsyncLLM, body: ChatCompletionRequest, request: ChatRequest, arrival: float
+) -> dict[str, Any]:
+    """Generate every choice, then parse each whole text exactly as offline ``LLM.chat`` does."""
+    request_id = new_id("chatcmpl")
+    n = body.n
+    texts: list[list[str]] = [[] for _ in range(n)]
+    logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+    finish: list[str | None] = [None] * n
+    usage = Usage()
+    usage.prompt = len(request.prompt_token_ids)
+    token_text = TokenText(state.llm.tokenizer)
+    async for i, delta in merge(_streams(state, front, request, n, request_id, arrival, parse=False)):
+        texts[i].append(delta.text)
+        if body.logprobs:
+            logprobs[i] += chat_logprobs(delta.token_ids, delta.logprobs, token_text)
+        if delta.finished:
+            finish[i] = delta.finish_reason
+            usage.add(delta)
+    choices = []
+    for i in range(n):
+        reasoning, content, calls = parse_output(
+            request.parse_prefix + "".join(texts[i]), request.reasoning_started
+        )
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": content if content or not calls else None,
+            "reasoning_content": reasoning,
+        }
+        if calls:
+            message["tool_calls"] = [call.to_openai() for call in calls]
+        choices.append(
+            {
+                "index": i,
+                "message": message,
+                "logprobs": {"content": logprobs[i]} if body.logprobs else None,
+                "finish_reason": _finish_reason(finish[i], bool(calls)),
+            }
+        )
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": state.model_name,
+        "choices": choices,
+        "usage": usage.body(),
+    }
+
+
+async def stream(
+    state: ServerState, front: AsyncLLM, body: ChatCompletionRequest, request: ChatRequest, arrival: float
+) -> AsyncIterator[str]:
+    """Server-sent events: the role first, then reasoning/content/tool-call deltas as they are decoded,
+    a finish chunk per choice, the usage chunk if asked for, and ``[DONE]``."""
+    request_id = new_id("chatcmpl")
+    created = int(time.time())
+    include_usage = body.include_usage
+    token_text = TokenText(state.llm.tokenizer)
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
+        payload: dict[str, Any] = {
+            "id": request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": state.model_name,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+        }
+        if include_usage:
+            payload["usage"] = None
+        return sse(payload)
+
+    usage = Usage()
+    usage.prompt = len(request.prompt_token_ids)
+    called = [False] * body.n
+    try:
+        for i in range(body.n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for i, delta in merge(_streams(state, front, request, body.n, request_id, arrival, parse=True)):
+            logprobs = None
+            if body.logprobs:
+                logprobs = {"content": chat_logprobs(delta.token_ids, delta.logprobs, token_text)}
+            parts: list[dict[str, Any]] = []
+            if delta.reasoning:
+                parts.append({"reasoning_content": delta.reasoning})
+            if delta.content:
+                parts.append({"content": delta.content})
+            if delta.tool_calls:
+                called[i] = True
+                calls = [
+                    {
+                        "index": call.index,
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments},
+                    }
+                    for call in delta.tool_calls
+                ]
+                parts.append({"tool_calls": calls})
+            if logprobs and logprobs["content"] and not parts:
+                parts.append({})  # the text is held back (a possible tag), its logprobs are not
+            for k, part in enumerate(parts):
+                yield chunk(i, part, logprobs=logprobs if k == 0 else None)
+            if delta.finished:
+                usage.add(delta)
+                yield chunk(i, {}, finish=_finish_reason(delta.finish_reason, called[i]))
+        if include_usage:
+            payload = {
+                "id": request_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": state.model_name,
+                "choices": [],
+                "usage": usage.body(),
+            }
+            yield sse(payload)
+    except Exception as exc:  # the engine failed mid-stream: the status line is long gone, say so in-band
+        logger.exception("chat stream %s failed", request_id)
+        yield sse(APIError(500, f"generation failed: {exc}").body())
+    yield SSE_DONE

@@ -1,0 +1,230 @@
+"""The OpenAI request bodies qwen3 serves, as pydantic models that say which field is wrong.
+
+Only what the runtime can honour is modelled; any other field a client sends is ignored, as OpenAI and
+vLLM do (``extra="ignore"``). Types are checked here; value ranges of sampling fields are checked once,
+by :class:`qwen3.SamplingParams`, and reported under the name the client used (:data:`SAMPLING_PARAM_NAMES`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+# OpenAI's tool-name rule, plus "." which some agent frameworks use for namespaces.
+TOOL_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Body):
+    """One part of a message's content; Qwen3 is text-only, so only ``{"type": "text"}`` parts exist."""
+
+    type: str
+    text: str = ""
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(f"content part type {value!r} is not supported (Qwen3 reads text only)")
+        return value
+
+
+class FunctionCall(_Body):
+    name: str = Field(min_length=1)
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCall(_Body):
+    """A call an assistant made earlier in the conversation (sent back with the history)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None  # vLLM's name for the same thing
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+    def to_template(self) -> dict[str, Any]:
+        """The dict the chat template reads: text parts joined, ``developer`` read as ``system``."""
+        content = self.content
+        if isinstance(content, list):
+            content = "\n".join(part.text for part in content)  # vLLM joins text parts the same way
+        message: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": content,
+        }
+        reasoning = self.reasoning_content if self.reasoning_content is not None else self.reasoning
+        if self.role == "assistant" and reasoning is not None:
+            message["reasoning_content"] = reasoning
+        if self.role == "assistant" and self.tool_calls:
+            message["tool_calls"] = [call.model_dump(exclude_none=True) for call in self.tool_calls]
+        if self.role == "tool" and self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _CommonFields(_Body):
+    """Fields both endpoints share; a sampling field left None was not given (the default applies)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM extension
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    n: int = Field(default=1, ge=1, le=128)
+    ignore_eos: bool = False  # vLLM extension
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    model: str | None = None
+
+    def sampling_overrides(self) -> dict[str, Any]:
+        """The given fields as :class:`qwen3.SamplingParams` keyword arguments (``n`` is the server's)."""
+        names = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty")
+        values = {name: getattr(self, name) for name in (*names, "repetition_penalty", "seed")}
+        values = {k: v for k, v in values.items() if v is not None}
+        if self.max_tokens is not None:
+            values["max_tokens"] = self.max_tokens
+        if self.stop is not None:
+            values["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if self.stop_token_ids:
+            values["stop_token_ids"] = list(self.stop_token_ids)
+        if self.ignore_eos:
+            values["ignore_eos"] = True
+        return values
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_CommonFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    thinking_budget: int | None = Field(default=None, ge=0)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return value
+
+    def sampling_overrides(self) -> dict[str, Any]:
+        values = super().sampling_overrides()
+        if self.max_completion_tokens is not None:  # OpenAI's newer name wins over max_tokens
+            values["max_tokens"] = self.max_completion_tokens
+        if self.logprobs:
+            values["logprobs"] = self.top_logprobs or 0
+        return values
+
+    def param_name(self, sampling_field: str) -> str:
+        """The request field a SamplingParams field came from, for error messages."""
+        if sampling_field == "max_tokens" and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        if sampling_field == "logprobs":
+            return "top_logprobs"
+        return sampling_field
+
+
+class CompletionRequest(_CommonFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # the legacy endpoint's default, as OpenAI's
+    logprobs: int | None = None
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if value == "" or value == [] or (isinstance(value, list) and any(p in ("", []) for p in value)):
+            raise ValueError("prompt is empty")
+        return value
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("echo is not supported")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of prompts, each text or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and isinstance(prompt[0], int):
+            return [list(prompt)]  # type: ignore[arg-type]
+        return list(prompt)  # type: ignore[arg-type]
+
+    def sampling_overrides(self) -> dict[str, Any]:
+        values = super().sampling_overrides()
+        if self.logprobs is not None:
+            values["logprobs"] = self.logprobs
+        return values
+
+    def param_name(self, sampling_field: str) -> str:
+        return sampling_field
+
+
+def tool_call_prefix(tool_choice: str | NamedToolChoice | None) -> str:
+    """The answer text that forces a tool call: ``<tool_call>`` for ``required``, plus the name for a
+    named function (the model then writes only the arguments), "" otherwise."""
+    if isinstance(tool_choice, NamedToolChoice):
+        name = json.dumps(tool_choice.function.name, ensure_ascii=False)
+        return f'<tool_call>\n{{"name": {name}, "arguments": '
+    return "<tool_call>\n" if tool_choice == "required" else ""

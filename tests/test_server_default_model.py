@@ -1,0 +1,67 @@
+"""A real tool-call round trip against the tiny Qwen3 shipped as the default model.
+
+The model must call the calculator for "What is 347 * 589?", take the tool's result back and answer with
+it. This needs trained weights, so it runs on ``qwen3.llm.default_model_dir()`` — and fails, with
+``FileNotFoundError``, until that model ships with the package.
+"""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from qwen3.llm import LLM
+from qwen3.server import ServerConfig
+from tests.live_server import live_server
+
+CALCULATOR = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "Evaluate an arithmetic expression",
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string"}},
+            "required": ["expression"],
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def client():
+    llm = LLM(None, kv_cache_memory="256MiB", progress=False)  # None: the shipped default model
+    with (
+        live_server(llm, ServerConfig(["qwen3-default"])) as server,
+        openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=300) as c,
+    ):
+        yield c
+
+
+def test_calculator_tool_round_trip(client):
+    messages: list[dict] = [{"role": "user", "content": "What is 347 * 589?"}]
+    common = dict(model="qwen3-default", tools=[CALCULATOR], seed=0, max_tokens=1024)
+    first = client.chat.completions.create(messages=messages, **common)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "calculator" and call.id.startswith("call_")
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == {"expression"}
+    assert "347" in arguments["expression"] and "589" in arguments["expression"]
+
+    messages += [
+        {
+            "role": "assistant",
+            "content": choice.message.content,
+            "reasoning_content": getattr(choice.message, "reasoning_content", None),
+            "tool_calls": [call.model_dump()],
+        },
+        {"role": "tool", "tool_call_id": call.id, "content": str(347 * 589)},
+    ]
+    final = client.chat.completions.create(messages=messages, **common)
+    answer = final.choices[0]
+    assert answer.finish_reason == "stop" and not answer.message.tool_calls
+    assert "204383" in answer.message.content.replace(",", "").replace(" ", "")

@@ -1,0 +1,178 @@
+"""The server's pure parts, without a server: request models, error paths, tool_choice, the answer prefix,
+the soft switch, and logprob token bytes."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from qwen3.chat import soft_switch
+from qwen3.llm import LLM
+from qwen3.sampling import SamplingParams
+from qwen3.server.errors import from_validation_error, param_path
+from qwen3.server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    NamedToolChoice,
+    tool_call_prefix,
+)
+from qwen3.server.serving import TokenText, choice_params
+from qwen3.tokenizer import Tokenizer
+
+
+@pytest.mark.parametrize(
+    ("loc", "path"),
+    [
+        (("messages", 0, "role"), "messages[0].role"),
+        (("messages", 2, "content", "list[TextPart]", 1, "type"), "messages[2].content[1].type"),
+        (("tools", 0, "function", "name"), "tools[0].function.name"),
+        (("prompt", "str"), "prompt"),
+        (
+            ("tool_choice", "function-after[_check(), NamedToolChoice]", "function", "name"),
+            "tool_choice.function.name",
+        ),
+        ((), None),
+    ],
+)
+def test_param_path(loc, path):
+    assert param_path(loc) == path
+
+
+def _error(body: dict) -> tuple[str | None, str]:
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate(body)
+    error = from_validation_error(info.value)
+    assert error.status == 400 and error.type == "invalid_request_error"
+    return error.param, error.message
+
+
+def test_validation_errors_name_the_deepest_field():
+    bad_part = {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "input_audio"}]}]
+    }
+    param, message = _error(bad_part)
+    assert param == "messages[0].content[1].type" and "text only" in message
+    assert _error({"messages": []})[0] == "messages"
+    assert _error({"messages": [{"role": "tool"}]}) == (
+        "messages[0]",
+        "messages[0]: a tool message needs content",
+    )
+    assert _error({})[1] == "messages: is required"
+
+
+def test_messages_become_template_dicts():
+    assistant = ChatMessage.model_validate(
+        {
+            "role": "assistant",
+            "content": None,
+            "reasoning_content": "think",
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+        }
+    )
+    assert assistant.to_template() == {
+        "role": "assistant",
+        "content": None,
+        "reasoning_content": "think",
+        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+    }
+    parts = ChatMessage.model_validate(
+        {"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+    )
+    assert parts.to_template() == {"role": "system", "content": "a\nb"}
+    tool = ChatMessage.model_validate({"role": "tool", "content": "42", "tool_call_id": "call_1"})
+    assert tool.to_template() == {"role": "tool", "content": "42", "tool_call_id": "call_1"}
+    vllm_style = ChatMessage.model_validate({"role": "assistant", "content": "x", "reasoning": "r"})
+    assert vllm_style.to_template()["reasoning_content"] == "r"
+
+
+def test_sampling_overrides_and_field_names():
+    request = ChatCompletionRequest.model_validate(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 5,
+            "max_completion_tokens": 7,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "stop": "END",
+            "unknown_field": {"ignored": True},
+            "temperature": None,
+        }
+    )
+    assert request.sampling_overrides() == {"max_tokens": 7, "logprobs": 2, "stop": ["END"]}
+    assert request.param_name("max_tokens") == "max_completion_tokens"
+    assert request.param_name("logprobs") == "top_logprobs" and request.param_name("top_p") == "top_p"
+    params = choice_params(SamplingParams(seed=10, n=3), 2)
+    assert (params.seed, params.n) == (12, 1)
+
+
+def test_completion_prompts():
+    assert CompletionRequest(prompt="a").prompts() == ["a"]
+    assert CompletionRequest(prompt=["a", "b"]).prompts() == ["a", "b"]
+    assert CompletionRequest(prompt=[1, 2]).prompts() == [[1, 2]]
+    assert CompletionRequest(prompt=[[1], [2, 3]]).prompts() == [[1], [2, 3]]
+    assert CompletionRequest(prompt="a").max_tokens == 16
+    for bad in ("", [], ["a", ""]):
+        with pytest.raises(ValidationError):
+            CompletionRequest(prompt=bad)
+
+
+def test_tool_call_prefix():
+    assert tool_call_prefix("auto") == tool_call_prefix("none") == tool_call_prefix(None) == ""
+    assert tool_call_prefix("required") == "<tool_call>\n"
+    named = NamedToolChoice.model_validate({"type": "function", "function": {"name": "get_weather"}})
+    assert tool_call_prefix(named) == '<tool_call>\n{"name": "get_weather", "arguments": '
+
+
+def test_soft_switch_follows_the_latest_flag():
+    assert soft_switch([{"role": "user", "content": "hi"}]) is None
+    assert soft_switch([{"role": "user", "content": "hi /no_think"}]) is False
+    assert (
+        soft_switch([{"role": "system", "content": "/no_think"}, {"role": "user", "content": "hi /think"}])
+        is True
+    )
+    assert soft_switch([{"role": "user", "content": "/think then /no_think"}]) is False
+    history = [
+        {"role": "user", "content": "a /no_think"},
+        {"role": "assistant", "content": "b /think"},  # the model's words are not the user's switch
+        {"role": "tool", "content": "/think"},
+    ]
+    assert soft_switch(history) is False
+
+
+def test_token_bytes_rebuild_the_text(spec_dir):
+    tokenizer = Tokenizer.from_pretrained(spec_dir / "tokenizer")
+    text = "Héllo, 世界! 🎉 <think>\n\tdone"
+    ids = tokenizer.encode(text)
+    token_text = TokenText(tokenizer)
+    assert b"".join(bytes(token_text(i)[1]) for i in ids) == text.encode("utf-8")
+    assert token_text(tokenizer.token_to_id("<think>")) == ("<think>", list(b"<think>"))
+
+
+def test_answer_prefix_forces_the_answer_offline(tiny_checkpoint):
+    """The engine side of tool_choice: non-thinking mode ends the prompt with the prefix; thinking mode
+    opens <think> and the engine inserts the prefix after the reasoning (here, closed by the budget)."""
+    llm = LLM(str(tiny_checkpoint), max_model_len=512, kv_cache_memory="8MiB", progress=False)
+    messages = [{"role": "user", "content": "Call it"}]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prefix = '<tool_call>\n{"name": "f", "arguments": '
+    plain = llm.prepare_chat(messages, params, enable_thinking=False, answer_prefix=prefix)
+    assert plain.parse_prefix == prefix and not plain.answer_prefix_ids
+    assert llm.tokenizer.decode(plain.prompt_token_ids).endswith("</think>\n\n" + prefix)
+    out = llm.chat(messages, params, enable_thinking=False, answer_prefix=prefix)
+    assert out.content.startswith(prefix)
+
+    thinking = llm.prepare_chat(messages, params, thinking_budget=3, answer_prefix=prefix)
+    assert thinking.reasoning_started and llm.tokenizer.decode(thinking.prompt_token_ids).endswith(
+        "<think>\n"
+    )
+    out = llm.chat(messages, params, thinking_budget=3, answer_prefix=prefix)
+    assert out.reasoning.endswith("directly now.") and out.content.startswith(prefix)
+    stop = llm.engine.stop_thinking_ids
+    assert out.token_ids[3 : 3 + len(stop)] == stop
+    assert (
+        out.token_ids[3 + len(stop) : 3 + len(stop) + len(thinking.answer_prefix_ids)]
+        == thinking.answer_prefix_ids
+    )
