@@ -1,0 +1,429 @@
+"""``qwen3 train``: the tiny hybrid-thinking Qwen3, from a seed to a Hugging Face folder.
+
+The model is the inference code's own :class:`~qwen3.model.Qwen3ForCausalLM` (QK-norm and all), fed
+packed rows of samples (:mod:`qwen3.training.data`) through a block-diagonal causal mask. One run:
+
+1. trains a byte-level BPE on the corpus (Qwen3's special tokens on top),
+2. stage 1, cold start on worked solutions, for ``stage1_steps`` steps,
+3. stage 2, Thinking Mode Fusion, until ``steps``,
+4. writes config.json, model.safetensors, the tokenizer with the official chat template and
+   generation_config.json — a folder ``qwen3.load_model`` and transformers both load.
+
+Reproducible: weights start from ``seed`` and a step's data is a function of (seed, step), so a run
+resumed from a checkpoint continues exactly as if it had not stopped, and data parallelism over
+``torchrun`` processes splits the same global batch (each rank packs every world-size-th sample, and
+the loss is normalised by the global number of target tokens, so the gradient is the one-process
+gradient). Checkpoints are safetensors and JSON only — never pickles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from qwen3.checkpoint import save_model
+from qwen3.config import Qwen3Config
+from qwen3.model import Qwen3ForCausalLM
+from qwen3.tokenizer import Tokenizer
+from qwen3.training import data
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run. Saved with every checkpoint; a resumed run must match it."""
+
+    seed: int = 0
+    steps: int = 1200
+    stage1_steps: int = 200
+    tokens_per_step: int = 16384
+    micro_batch_tokens: int = 4096  # padded tokens per forward pass (gradients accumulate over a step)
+    max_sample_len: int = 1024
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    vocab_size: int = 1024
+    hidden_size: int = 256
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 64
+    intermediate_size: int = 768
+    max_position_embeddings: int = 2048
+    tokenizer_samples: int = 4000
+
+    def model_config(self) -> Qwen3Config:
+        return Qwen3Config.from_dict(
+            {
+                "model_type": "qwen3",
+                "architectures": ["Qwen3ForCausalLM"],
+                "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.num_hidden_layers,
+                "num_attention_heads": self.num_attention_heads,
+                "num_key_value_heads": self.num_key_value_heads,
+                "head_dim": self.head_dim,
+                "max_position_embeddings": self.max_position_embeddings,
+                "rope_theta": 10000.0,
+                "rms_norm_eps": 1e-6,
+                "tie_word_embeddings": True,
+                "torch_dtype": "float32",
+            }
+        )
+
+    def learning_rate(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at the last step."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.lr * (
+            self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        )
+
+
+GENERATION_CONFIG = {
+    "bos_token_id": None,
+    "do_sample": True,
+    "eos_token_id": None,  # filled in: <|im_end|> and <|endoftext|>, as Qwen3's
+    "pad_token_id": None,
+    "temperature": 0.6,
+    "top_k": 20,
+    "top_p": 0.95,
+}
+
+
+@dataclass
+class World:
+    """This process's place among data-parallel ranks (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world(device: str | None = None) -> World:
+    """Join the process group when started by ``torchrun`` (gloo on CPU, NCCL on CUDA)."""
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return World(rank, size, dev)
+
+
+class Trainer:
+    """One training run: tokenizer, model, optimizer, the step loop, checkpoints, the exported folder."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        output: str | os.PathLike,
+        world: World | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.output = Path(output)
+        self.world = world or World()
+        self.progress = progress and self.world.main
+        self.tokenizer = self._tokenizer()
+        self.builder = data.SampleBuilder(self.tokenizer)
+        self.mix = data.DataMix(max_len=config.max_sample_len)
+        torch.manual_seed(config.seed)
+        self.model = Qwen3ForCausalLM(config.model_config()).to(self.world.device)
+        self.model.init_weights(seed=config.seed)
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=config.lr,
+            betas=(0.9, 0.95),
+            eps=1e-8,
+            fused=True,
+        )
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        if self.world.size > 1:  # every rank starts from rank 0's weights
+            for p in self.model.parameters():
+                dist.broadcast(p.data, src=0)
+
+    # --- setup -----------------------------------------------------------------------------------------
+
+    def _tokenizer(self) -> Tokenizer:
+        """Train the BPE (a function of the seed), or reuse the one a checkpoint in ``output`` holds."""
+        saved = self.output / "checkpoint" / "tokenizer.json"
+        if saved.is_file():
+            return Tokenizer.from_pretrained(saved.parent)
+        corpus = data.tokenizer_corpus(self.config.seed, self.config.tokenizer_samples)
+        tokenizer = data.train_tokenizer(corpus, self.config.vocab_size)
+        if tokenizer.vocab_size > self.config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} ids; vocab_size is {self.config.vocab_size}"
+            )
+        return tokenizer
+
+    # --- the loop ---------------------------------------------------------------------------------------
+
+    def stage(self, step: int) -> int:
+        return 1 if step < self.config.stage1_steps else 2
+
+    def batch(self, step: int) -> tuple[list[data.Batch], int, int]:
+        """This rank's micro-batches of step ``step``'s global batch, and the global numbers of target
+        tokens and of tokens."""
+        samples = data.batch_samples(
+            self.builder, self.config.seed, step, self.stage(step), self.config.tokens_per_step, self.mix
+        )
+        targets = sum(sum(s.targets[1:]) for s in samples)
+        mine = samples[self.world.rank :: self.world.size]
+        batches = data.micro_batches(mine, self.config.micro_batch_tokens, self.tokenizer.pad_token_id)
+        return batches, targets, sum(len(s) for s in samples)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step; returns the step's mean loss over all ranks' target tokens."""
+        config, step = self.config, self.step
+        batches, global_targets, global_tokens = self.batch(step)
+        lr = config.learning_rate(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        total = torch.zeros((), device=self.world.device)
+        for batch in batches:
+            batch = batch.to(self.world.device)
+            logits = self.model(batch.input_ids)
+            loss_sum = F.cross_entropy(
+                logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=-100, reduction="sum"
+            )
+            # Normalised by the global target count, summed over micro-batches and ranks: the gradient of
+            # the mean loss over the whole global batch, however it is split.
+            (loss_sum / global_targets).backward()
+            total += loss_sum.detach()
+        if self.world.size > 1:
+            self._all_reduce_gradients()
+            dist.all_reduce(total)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {
+            "step": step,
+            "stage": self.stage(step),
+            "loss": float(total) / global_targets,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": global_tokens,
+        }
+
+    def _all_reduce_gradients(self) -> None:
+        """Sum gradients over ranks in one flat buffer (one collective per step, not one per tensor)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.flatten() for p in params])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def train(self, save_every: int = 200, until: int | None = None) -> list[dict[str, float]]:
+        """Run steps up to ``until`` (default: the configured total), checkpointing every ``save_every``."""
+        end = min(until or self.config.steps, self.config.steps)
+        bar = tqdm(total=end, initial=self.step, desc="train", unit="step", disable=not self.progress)
+        start, tokens = time.perf_counter(), 0
+        while self.step < end:
+            record = self.train_step()
+            self.history.append(record)
+            tokens += record["tokens"]
+            rate = tokens / (time.perf_counter() - start)
+            bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.4f}", tok_s=f"{rate:.0f}")
+            bar.update(1)
+            if record["step"] % 50 == 0 and not self.progress and self.world.main:
+                logger.info("step %d stage %d loss %.4f lr %.2e %.0f tok/s", record["step"],
+                            record["stage"], record["loss"], record["lr"], rate)  # fmt: skip
+            if save_every and self.step % save_every == 0 and self.step < end:
+                self.save_checkpoint()
+        bar.close()
+        return self.history
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Weights, AdamW moments and the run's state, as safetensors + JSON (rank 0 writes)."""
+        folder = self.output / "checkpoint"
+        if not self.world.main:
+            return folder
+        tmp = self.output / "checkpoint.tmp"
+        self.export(tmp)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        moments, counts = {}, {}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state.get(p)
+                if state:
+                    moments[f"{names[id(p)]}.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
+                    moments[f"{names[id(p)]}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
+                    counts[names[id(p)]] = float(state["step"])
+        save_file(moments, str(tmp / "optimizer.safetensors"))
+        state = {"step": self.step, "config": dataclasses.asdict(self.config), "adam_steps": counts,
+                 "history": self.history}  # fmt: skip
+        (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
+        if folder.exists():
+            for f in folder.iterdir():
+                f.unlink()
+            folder.rmdir()
+        tmp.rename(folder)
+        logger.info("checkpoint at step %d in %s", self.step, folder)
+        return folder
+
+    def resume(self) -> bool:
+        """Continue from ``output/checkpoint`` if there is one (its config must equal this run's)."""
+        folder = self.output / "checkpoint"
+        if not (folder / "trainer_state.json").is_file():
+            return False
+        state = json.loads((folder / "trainer_state.json").read_text())
+        if state["config"] != dataclasses.asdict(self.config):
+            changed = sorted(
+                k for k, v in state["config"].items() if dataclasses.asdict(self.config).get(k) != v
+            )
+            raise ValueError(f"{folder} was written by a run with other settings ({', '.join(changed)})")
+        from qwen3.checkpoint import fill_parameters, weight_files
+
+        fill_parameters(self.model, weight_files(folder), progress=False)
+        moments = load_file(str(folder / "optimizer.safetensors"), device=str(self.world.device))
+        for name, p in self.model.named_parameters():
+            if name in state["adam_steps"]:
+                self.optimizer.state[p] = {
+                    "step": torch.tensor(state["adam_steps"][name]),
+                    "exp_avg": moments[f"{name}.exp_avg"],
+                    "exp_avg_sq": moments[f"{name}.exp_avg_sq"],
+                }
+        self.step, self.history = state["step"], state["history"]
+        logger.info("resumed from %s at step %d", folder, self.step)
+        return True
+
+    def export(self, folder: str | os.PathLike) -> Path:
+        """The Hugging Face folder: config.json, model.safetensors, tokenizer, generation_config.json."""
+        folder = Path(folder)
+        save_model(self.model, folder)
+        self.tokenizer.save_pretrained(folder)
+        ids = [self.tokenizer.token_to_id("<|im_end|>"), self.tokenizer.token_to_id("<|endoftext|>")]
+        generation = {
+            **GENERATION_CONFIG,
+            "bos_token_id": ids[1],
+            "eos_token_id": ids,
+            "pad_token_id": ids[1],
+        }
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        config = json.loads((folder / "config.json").read_text())
+        config.update(bos_token_id=ids[1], eos_token_id=ids[0])
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return folder
+
+
+def history_plot(history: list[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """The loss curve as a PNG (log scale; the stage boundary marked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [h["loss"] for h in history], lw=1)
+    boundary = next((h["step"] for h in history if h["stage"] == 2), None)
+    if boundary is not None:
+        ax.axvline(boundary, color="grey", ls="--", lw=1, label="stage 2: Thinking Mode Fusion")
+        ax.legend()
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_title("tiny Qwen3 training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+# --- command line ----------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: Any) -> None:
+    """``qwen3 train`` options: every TrainConfig field, plus where to write and how to run."""
+    defaults = TrainConfig()
+    parser.add_argument(
+        "--output", "-o", type=Path, required=True, help="folder for checkpoints and the model"
+    )
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name),
+                            help=f"(default: {getattr(defaults, f.name)})")  # fmt: skip
+    parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default: 100)")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--show-data", type=int, default=0, metavar="N",
+                        help="print N stage-2 samples (learned tokens in [[ ]]) and exit")  # fmt: skip
+
+
+def run(args: Any) -> int:
+    """``qwen3 train``: train (resuming when a checkpoint exists), export, plot the loss."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    world = init_world(args.device)
+    trainer = Trainer(config, args.output, world)
+    if args.show_data:
+        import random
+
+        rng = random.Random(config.seed)
+        shown = 0
+        while shown < args.show_data:
+            for sample in data.stage_samples(trainer.builder, rng, 2, trainer.mix):
+                print(data.describe(sample, trainer.tokenizer), end="\n\n")
+                shown += 1
+        return 0
+    if not args.no_resume:
+        trainer.resume()
+    params = sum(p.numel() for p in trainer.model.parameters())
+    if world.main:
+        logger.info("training a %.2fM-parameter Qwen3 on %s (%d process(es), %d threads)", params / 1e6,
+                    world.device, world.size, torch.get_num_threads())  # fmt: skip
+    trainer.train(save_every=args.save_every)
+    if world.main:
+        trainer.save_checkpoint()
+        folder = trainer.export(args.output / "model")
+        history_plot(trainer.history, args.output / "loss.png")
+        logger.info("model written to %s (loss curve: %s)", folder, args.output / "loss.png")
+    if world.size > 1:
+        dist.destroy_process_group()
+    return 0

@@ -1,0 +1,148 @@
+"""Training data: the tokenizer carries Qwen3's special tokens, samples mask exactly the assistant's
+tokens, budget-cut samples match what the engine inserts, batches label the next token."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from qwen3.chat import render
+from qwen3.engine.llm_engine import STOP_THINKING_TEXT
+from qwen3.training import data, tasks
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return data.train_tokenizer(data.tokenizer_corpus(0, 300), 512)
+
+
+@pytest.fixture(scope="module")
+def builder(tokenizer):
+    return data.SampleBuilder(tokenizer)
+
+
+def test_tokenizer_has_qwen3_added_tokens_with_their_flags(tokenizer) -> None:
+    assert tokenizer.vocab_size == 512
+    first = 512 - len(data.ADDED_TOKENS)
+    for offset, (content, special) in enumerate(data.ADDED_TOKENS):
+        assert tokenizer.token_to_id(content) == first + offset  # Qwen3's order, after the BPE
+        assert ((first + offset) in tokenizer.special_token_ids) == special
+    text = "<|im_start|>user\nHow many r's in strawberry? 347<think>x</think><|im_end|>"
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    for tag in ("<|im_start|>", "<think>", "</think>", "<|im_end|>"):
+        assert tokenizer.token_to_id(tag) in ids  # matched whole, never split into BPE pieces
+    digits = [tokenizer.decode([i]) for i in tokenizer.encode("12345")]
+    assert digits == list("12345")  # Qwen's pre-tokenizer keeps digits single
+
+
+def test_tokenizer_saved_folder_loads_in_transformers(tokenizer, tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    tokenizer.save_pretrained(tmp_path)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": "What is 12 + 34? /think"}]
+    text = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert ref.encode(text, add_special_tokens=False) == tokenizer.encode(text)
+
+
+def test_conversation_samples_learn_only_the_reply(builder, tokenizer) -> None:
+    problem = tasks.addition(random.Random(0))
+    messages = [
+        {"role": "user", "content": problem.question},
+        {"role": "assistant", "reasoning_content": problem.thinking, "content": problem.answer},
+    ]
+    (sample,) = builder.conversation(messages, None, True)
+    learned = tokenizer.decode([i for i, t in zip(sample.ids, sample.targets, strict=True) if t])
+    assert learned == f"<think>\n{problem.thinking}\n</think>\n\n{problem.answer}<|im_end|>"
+    prompt = tokenizer.decode([i for i, t in zip(sample.ids, sample.targets, strict=True) if not t])
+    assert prompt == render(messages[:1])  # exactly what the engine will be given
+
+
+def test_non_thinking_hard_switch_learns_only_the_answer(builder, tokenizer) -> None:
+    problem = tasks.sort_numbers(random.Random(1))
+    messages = [
+        {"role": "user", "content": problem.question},
+        {"role": "assistant", "content": problem.answer},
+    ]
+    (sample,) = builder.conversation(messages, None, False)
+    learned = tokenizer.decode([i for i, t in zip(sample.ids, sample.targets, strict=True) if t])
+    assert learned == f"{problem.answer}<|im_end|>"
+    assert tokenizer.decode(sample.ids).count("<think>\n\n</think>\n\n") == 1  # pre-filled by the template
+
+
+def test_tool_dialog_gives_one_sample_per_assistant_turn(builder, tokenizer) -> None:
+    rng = random.Random(0)
+    while True:
+        problem = tasks.generate(rng, "mul")
+        messages, tools, thinking = data._tool_dialog(rng, problem)
+        if messages[-1]["reasoning_content"]:
+            break
+    call, answer = builder.conversation(messages, tools, thinking)
+    text = tokenizer.decode([i for i, t in zip(call.ids, call.targets, strict=True) if t])
+    assert text.endswith(
+        f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{problem.expression}"}}}}\n'
+        "</tool_call><|im_end|>"
+    )
+    assert "# Tools" in tokenizer.decode(
+        answer.ids
+    ) and f"<tool_response>\n{problem.result}" in tokenizer.decode(answer.ids)
+    text = tokenizer.decode([i for i, t in zip(answer.ids, answer.targets, strict=True) if t])
+    assert text.endswith(f"{problem.expression} = {problem.result}.<|im_end|>")
+
+
+def test_budget_cut_sample_matches_the_engine(builder, tokenizer) -> None:
+    problem = tasks.multiplication(random.Random(2))
+    messages = [
+        {"role": "user", "content": problem.question},
+        {"role": "assistant", "reasoning_content": problem.thinking, "content": problem.answer},
+    ]
+    sample = builder.budget_cut(messages, None, budget=5)
+    stop = tokenizer.encode(STOP_THINKING_TEXT)
+    prompt = tokenizer.encode(render(messages[:1]))
+    think = tokenizer.token_to_id("<think>")
+    assert sample.ids[: len(prompt) + 1] == prompt + [think]
+    thought = sample.ids[len(prompt) + 1 : len(prompt) + 6]
+    assert (
+        thought == tokenizer.encode("\n" + problem.thinking)[:5]
+    )  # the engine counts 5 tokens after <think>
+    assert sample.ids[len(prompt) + 6 : len(prompt) + 6 + len(stop)] == stop
+    assert not any(sample.targets[len(prompt) + 6 : len(prompt) + 6 + len(stop)])  # inserted, not learned
+    assert tokenizer.decode(sample.ids[len(prompt) + 6 + len(stop) :]) == f"{problem.answer}<|im_end|>"
+
+
+def test_fusion_conversations_follow_the_latest_flag() -> None:
+    rng = random.Random(4)
+    modes = {"thinking": 0, "non-thinking": 0, "multi-turn": 0, "tools": 0}
+    for _ in range(600):
+        messages, tools, enable_thinking = data.fusion_conversation(rng, tasks.generate(rng))
+        final = messages[-1]
+        assert final["role"] == "assistant"
+        if tools:
+            modes["tools"] += 1
+            continue
+        flag = data.soft_switch(messages)
+        wants = enable_thinking and flag is not False
+        assert bool(final["reasoning_content"]) == wants
+        modes["thinking" if wants else "non-thinking"] += 1
+        modes["multi-turn"] += sum(m["role"] == "user" for m in messages) > 1
+    assert all(count > 30 for count in modes.values()), modes
+
+
+def test_batches_are_reproducible_and_label_the_next_learned_token(builder, tokenizer) -> None:
+    mix = data.DataMix()
+    a = data.batch_samples(builder, 0, 5, 2, 3000, mix)
+    assert [s.ids for s in a] == [s.ids for s in data.batch_samples(builder, 0, 5, 2, 3000, mix)]
+    assert [s.ids for s in a] != [s.ids for s in data.batch_samples(builder, 0, 6, 2, 3000, mix)]
+    assert sum(len(s) for s in a) >= 3000
+    batches = data.micro_batches(a, 1024, tokenizer.pad_token_id)
+    assert sum(b.input_ids.shape[0] for b in batches) == len(a)
+    assert all(b.input_ids.numel() <= 1024 or b.input_ids.shape[0] == 1 for b in batches)
+    learned = sum(sum(s.targets[1:]) for s in a)
+    assert sum(int((b.labels != -100).sum()) for b in batches) == learned
+    for b in batches:
+        rows, cols = (b.labels != -100).nonzero(as_tuple=True)
+        assert (b.labels[rows, cols] == b.input_ids[rows, cols + 1]).all()
+    cold = data.batch_samples(builder, 0, 0, 1, 2000, mix)
+    assert all(all(s.targets) for s in cold)  # stage 1 learns every token of the worked solutions

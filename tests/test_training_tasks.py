@@ -1,0 +1,73 @@
+"""The synthetic reasoning tasks: every problem is right, checkable, reproducible, and phrased variously."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from qwen3.agent import evaluate_arithmetic
+from qwen3.training import tasks
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_problems_are_correct_and_self_consistent(task: str) -> None:
+    rng = random.Random(0)
+    for _ in range(400):
+        p = tasks.generate(rng, task)
+        assert p.task == task
+        assert p.check(p.answer), p  # the stated answer passes the checker
+        assert p.result in p.thinking.splitlines()[-1], p  # the worked solution ends with the result
+        if p.expression is not None:
+            assert str(evaluate_arithmetic(p.expression)) == p.result, p
+            assert p.thinking.splitlines()[0] == p.expression  # the solution restates the problem first
+
+
+def test_count_sort_compare_results() -> None:
+    rng = random.Random(2)
+    for _ in range(500):
+        p = tasks.count_letters(rng)
+        word, letter = re.search(r"Count (\w) in (\w+)\.", p.thinking).group(2, 1)
+        assert int(p.result) == word.count(letter)
+        p = tasks.sort_numbers(rng)
+        numbers = [int(x) for x in re.search(r"Sort ([\d, ]+) in", p.thinking).group(1).split(", ")]
+        descending = "descending" in p.thinking.splitlines()[0]
+        assert p.result == ", ".join(map(str, sorted(numbers, reverse=descending)))
+        p = tasks.compare_decimals(rng)
+        x, y = re.search(r"Compare ([\d.]+) and ([\d.]+)\.", p.thinking).groups()
+        want = max(x, y, key=float) if "larger" in p.answer else min(x, y, key=float)
+        assert p.result == want
+
+
+def test_checker_reads_the_result_not_the_operands() -> None:
+    assert tasks.check_answer("add", "936", "347 + 589 = 936.")
+    assert not tasks.check_answer("add", "936", "347 + 589 = 935.")
+    assert not tasks.check_answer("add", "936", "")
+    assert tasks.check_answer("compare", "9.9", "9.9 is larger than 9.11.")
+    assert not tasks.check_answer("compare", "9.9", "9.11 is larger than 9.9.")
+    assert tasks.check_answer("sort", "1, 2, 5, 9", "The sorted list is 1, 2, 5, 9.")
+    assert not tasks.check_answer("sort", "1, 2, 5, 9", "The sorted list is 1, 2, 9, 5.")
+    assert tasks.check_answer("sub", "-491", "543 - 1034 = -491.")
+
+
+def test_problem_sets_are_reproducible_balanced_and_mix_phrasings() -> None:
+    a, b = tasks.problem_set(7, 140), tasks.problem_set(7, 140)
+    assert a == b
+    assert a != tasks.problem_set(8, 140)
+    assert {t: sum(p.task == t for p in a) for t in tasks.TASKS} == dict.fromkeys(tasks.TASKS, 20)
+    held = [p for p in a if p.phrasing == "heldout"]
+    assert 15 <= len(held) <= 60
+
+
+def test_heldout_phrasings_are_never_training_phrasings() -> None:
+    rng = random.Random(3)
+    for task in tasks.TASKS:
+        train = {tasks.generate(rng, task, "train").question.lower() for _ in range(300)}
+        held = {tasks.generate(rng, task, "heldout").question.lower() for _ in range(100)}
+        # the fixed words of each held-out template never appear among training questions
+        for q in held:
+            skeleton = re.sub(r"[\d.,]+|\b[a-z]\b", "", q)
+            assert all(re.sub(r"[\d.,]+|\b[a-z]\b", "", t) != skeleton for t in train), q
+    with pytest.raises(ValueError, match="phrasing"):
+        tasks.generate(rng, "add", "other")
