@@ -29,3 +29,11 @@ def tiny_checkpoint(spec_dir, tmp_path_factory) -> Path:
         shutil.copy(spec_dir / "tokenizer" / name, folder / name)
     shutil.copy(spec_dir / "hf_qwen3_0.6b" / "generation_config.json", folder / "generation_config.json")
     return folder
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """The tiny Qwen3 shipped inside the package, with an engine sized for evaluation batches."""
+    from qwen3.llm import LLM
+
+    return LLM(None, max_num_seqs=256, max_num_batched_tokens=8192, kv_cache_memory="512MiB", progress=False)

@@ -72,24 +72,52 @@ def test_non_thinking_hard_switch_learns_only_the_answer(builder, tokenizer) -> 
     assert tokenizer.decode(sample.ids).count("<think>\n\n</think>\n\n") == 1  # pre-filled by the template
 
 
-def test_tool_dialog_gives_one_sample_per_assistant_turn(builder, tokenizer) -> None:
+def _tool_dialog(thinking: bool):
     rng = random.Random(0)
     while True:
         problem = tasks.generate(rng, "mul")
-        messages, tools, thinking = data._tool_dialog(rng, problem)
-        if messages[-1]["reasoning_content"]:
-            break
-    call, answer = builder.conversation(messages, tools, thinking)
-    text = tokenizer.decode([i for i, t in zip(call.ids, call.targets, strict=True) if t])
-    assert text.endswith(
+        messages, tools, enable_thinking = data._tool_dialog(rng, problem)
+        if bool(messages[-1]["reasoning_content"]) == thinking:
+            return problem, messages, tools, enable_thinking
+
+
+def _learned(sample, tokenizer) -> list[str]:
+    """The learned spans of a sample, as text."""
+    spans, current = [], []
+    for token, target in zip(sample.ids, sample.targets, strict=True):
+        if target:
+            current.append(token)
+        elif current:
+            spans.append(tokenizer.decode(current))
+            current = []
+    return spans + ([tokenizer.decode(current)] if current else [])
+
+
+def test_tool_dialog_with_thinking_is_one_sample_learning_both_replies(builder, tokenizer) -> None:
+    problem, messages, tools, thinking = _tool_dialog(thinking=True)
+    (sample,) = builder.conversation(messages, tools, thinking)
+    call, answer = _learned(sample, tokenizer)
+    assert call.startswith("<think>\nThe user asks for") and call.endswith(
         f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{problem.expression}"}}}}\n'
         "</tool_call><|im_end|>"
     )
-    assert "# Tools" in tokenizer.decode(
-        answer.ids
-    ) and f"<tool_response>\n{problem.result}" in tokenizer.decode(answer.ids)
-    text = tokenizer.decode([i for i, t in zip(answer.ids, answer.targets, strict=True) if t])
-    assert text.endswith(f"{problem.expression} = {problem.result}.<|im_end|>")
+    assert answer.endswith(f"{problem.expression} = {problem.result}.<|im_end|>")
+    # the sample is exactly the conversation as rendered, with the generation prompts where replies start
+    assert tokenizer.decode(sample.ids) == render(
+        messages, tools=tools, add_generation_prompt=False
+    ).removesuffix("\n")
+
+
+def test_tool_dialog_without_thinking_learns_each_reply_in_its_own_context(builder, tokenizer) -> None:
+    problem, messages, tools, thinking = _tool_dialog(thinking=False)
+    call, answer = builder.conversation(messages, tools, thinking)
+    assert _learned(call, tokenizer)[0].startswith("<think>\n\n</think>\n\n<tool_call>")
+    # in the answer's context the call is rendered as history: the empty think block is gone
+    context = tokenizer.decode([i for i, t in zip(answer.ids, answer.targets, strict=True) if not t])
+    assert "<|im_start|>assistant\n<tool_call>" in context and f"<tool_response>\n{problem.result}" in context
+    assert _learned(answer, tokenizer) == [
+        f"<think>\n\n</think>\n\n{problem.expression} = {problem.result}.<|im_end|>"
+    ]
 
 
 def test_budget_cut_sample_matches_the_engine(builder, tokenizer) -> None:

@@ -164,9 +164,9 @@ def fusion_conversation(
     The messages end with the assistant's reply (or replies, for tool calls) the model learns to give.
     """
     roll = rng.random()
-    if roll < 0.10 and problem.expression is not None:
+    if roll < 0.07 and problem.expression is not None:
         return _tool_dialog(rng, problem)
-    if roll < 0.12:
+    if roll < 0.09:
         return _tool_offered_unused(rng, problem)
     messages: list[dict[str, Any]] = []
     if rng.random() < 0.2:
@@ -274,19 +274,37 @@ class SampleBuilder:
         tools: list[dict[str, Any]] | None,
         enable_thinking: bool,
     ) -> list[Sample]:
-        """One sample per assistant reply after the last user message: the prompt exactly as the engine
-        will render it at that point (earlier thinking dropped by the template), and the reply as the
-        model should generate it, ending with ``<|im_end|>``."""
-        samples = []
+        """The assistant replies after the last user message, each seen with the prompt exactly as the
+        engine will render it at that point, and learned as the model should generate it (through
+        ``<|im_end|>``). Replies the template renders the same later in the conversation (a tool call
+        with its thinking) share one sample; otherwise (a call without thinking, whose empty think block
+        the template drops from history) each reply gets its own."""
+        turns = []  # (prompt text, reply text) for each learned reply
         last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
         for k in range(last_user + 1, len(messages)):
             if messages[k]["role"] != "assistant":
                 continue
             prompt = render(messages[:k], tools=tools, enable_thinking=enable_thinking)
-            full = render(messages[: k + 1], tools=tools, add_generation_prompt=False)
-            if not full.startswith(prompt):
+            upto = render(messages[: k + 1], tools=tools, add_generation_prompt=False)
+            if not upto.startswith(prompt):
                 raise AssertionError(f"the template's rendering of turn {k} does not extend its prompt")
-            reply = full[len(prompt) :].removesuffix("\n")
+            turns.append((prompt, upto[len(prompt) :].removesuffix("\n")))
+        if all(
+            later.startswith(prompt + reply)
+            for (prompt, reply), (later, _) in zip(turns, turns[1:], strict=False)
+        ):
+            ids: list[int] = []
+            targets: list[bool] = []
+            done = ""  # text covered so far
+            for prompt, reply in turns:
+                context = self.tokenizer.encode(prompt[len(done) :])
+                learned = self.tokenizer.encode(reply)
+                ids += context + learned
+                targets += [False] * len(context) + [True] * len(learned)
+                done = prompt + reply
+            return [Sample(ids, targets)]
+        samples = []
+        for prompt, reply in turns:
             prompt_ids, reply_ids = self.tokenizer.encode(prompt), self.tokenizer.encode(reply)
             samples.append(
                 Sample(prompt_ids + reply_ids, [False] * len(prompt_ids) + [True] * len(reply_ids))
