@@ -73,7 +73,9 @@ def test_calculator_refuses_anything_but_arithmetic(expression: str) -> None:
 
 def test_agent_round_trip_with_the_shipped_model(default_llm) -> None:
     agent = Agent(default_llm, [calculator], sampling=SamplingParams(temperature=0, max_tokens=256))
-    results = agent.run_batch(["What is 347 * 589?", "Compute 4821 - 937.", "How many r's are in strawberry?"])
+    results = agent.run_batch(
+        ["What is 347 * 589?", "Compute 4821 - 937.", "How many r's are in strawberry?"]
+    )
     mul, sub, count = results
     assert mul.calls == [("calculator", json.dumps({"expression": "347 * 589"}), "204383")]
     assert "204383" in mul.content and mul.finish_reason == "stop"

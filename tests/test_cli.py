@@ -15,7 +15,7 @@ def test_help_lists_commands(capsys):
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("demo", "generate", "chat", "info"):
+    for command in ("demo", "generate", "chat", "serve", "train", "eval", "bench", "info"):
         assert command in out
 
 
@@ -53,3 +53,18 @@ def test_chat_repl_commands(tiny_checkpoint, monkeypatch, capsys):
 def test_missing_model_is_a_clear_error(tmp_path, caplog):
     assert main(["info", "--model", str(tmp_path / "nope")]) == 2
     assert "not a folder" in caplog.text
+
+
+def test_chat_with_the_shipped_model_by_default(capsys):
+    """The README's main job: no --model means the tiny Qwen3 inside the package, and it answers."""
+    assert main(["chat", "--temperature", "0", "--max-tokens", "200", "What is 12 + 30?"]) == 0
+    out = capsys.readouterr().out
+    assert "12 + 30 = 42." in out
+
+
+def test_train_shows_its_data(tmp_path, capsys):
+    args = ["train", "--output", str(tmp_path), "--tokenizer-samples", "200", "--vocab-size", "512",
+            "--hidden-size", "32", "--head-dim", "16", "--intermediate-size", "64", "--show-data", "3"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("[[") >= 3 and "<|im_start|>assistant" in out

@@ -74,6 +74,12 @@ def test_resume_refuses_other_settings(tmp_path: Path) -> None:
     other = Trainer(_config(steps=2, stage1_steps=1, lr=1e-3), tmp_path, progress=False)
     with pytest.raises(ValueError, match="lr"):
         other.resume()
+    longer = Trainer(_config(steps=4, stage1_steps=1), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        longer.resume()
+    assert longer.resume(extend=True) and longer.step == 0
+    longer.train(save_every=0)
+    assert longer.step == 4
 
 
 def _cli_args(output: Path, **config) -> list[str]:

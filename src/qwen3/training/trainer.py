@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,26 +47,28 @@ logger = logging.getLogger(__name__)
 class TrainConfig:
     """Everything that determines a run. Saved with every checkpoint; a resumed run must match it."""
 
-    seed: int = 0
-    steps: int = 1200
-    stage1_steps: int = 200
-    tokens_per_step: int = 16384
-    micro_batch_tokens: int = 4096  # padded tokens per forward pass (gradients accumulate over a step)
-    max_sample_len: int = 1024
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.05
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    vocab_size: int = 1024
+    seed: int = field(default=0, metadata={"help": "weights, tokenizer and data all follow from it"})
+    steps: int = field(default=1300, metadata={"help": "optimizer steps in all"})
+    stage1_steps: int = field(
+        default=250, metadata={"help": "of those, cold-start steps on worked solutions"}
+    )
+    tokens_per_step: int = field(default=8192, metadata={"help": "global batch, in tokens"})
+    micro_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per forward pass"})
+    max_sample_len: int = field(default=1024, metadata={"help": "longer samples are dropped"})
+    lr: float = field(default=2.5e-3, metadata={"help": "peak AdamW learning rate"})
+    min_lr_ratio: float = field(default=0.05, metadata={"help": "final learning rate, as a fraction of lr"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up, then cosine decay"})
+    weight_decay: float = field(default=0.1, metadata={"help": "on matrices only"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm"})
+    vocab_size: int = field(default=1024, metadata={"help": "BPE entries + Qwen3's 26 added tokens"})
     hidden_size: int = 256
-    num_hidden_layers: int = 6
+    num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     head_dim: int = 64
     intermediate_size: int = 768
     max_position_embeddings: int = 2048
-    tokenizer_samples: int = 4000
+    tokenizer_samples: int = field(default=4000, metadata={"help": "problems whose texts train the BPE"})
 
     def model_config(self) -> Qwen3Config:
         return Qwen3Config.from_dict(
@@ -305,16 +307,19 @@ class Trainer:
         logger.info("checkpoint at step %d in %s", self.step, folder)
         return folder
 
-    def resume(self) -> bool:
-        """Continue from ``output/checkpoint`` if there is one (its config must equal this run's)."""
+    def resume(self, extend: bool = False) -> bool:
+        """Continue from ``output/checkpoint`` if there is one. Its settings must equal this run's, except
+        that ``extend`` lets ``steps`` grow: the cosine schedule is then recomputed for the new length
+        (a warm restart of the learning rate), and the data continues where it was."""
         folder = self.output / "checkpoint"
         if not (folder / "trainer_state.json").is_file():
             return False
         state = json.loads((folder / "trainer_state.json").read_text())
-        if state["config"] != dataclasses.asdict(self.config):
-            changed = sorted(
-                k for k, v in state["config"].items() if dataclasses.asdict(self.config).get(k) != v
-            )
+        ours = dataclasses.asdict(self.config)
+        changed = sorted(k for k, v in state["config"].items() if ours.get(k) != v)
+        if extend and changed == ["steps"] and self.config.steps > state["config"]["steps"]:
+            logger.info("extending the run from %d to %d steps", state["config"]["steps"], self.config.steps)
+        elif changed:
             raise ValueError(f"{folder} was written by a run with other settings ({', '.join(changed)})")
         from qwen3.checkpoint import fill_parameters, weight_files
 
@@ -385,10 +390,13 @@ def add_arguments(parser: Any) -> None:
     )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name),
-                            help=f"(default: {getattr(defaults, f.name)})")  # fmt: skip
+        default = getattr(defaults, f.name)
+        text = f.metadata.get("help", "model size: config.json's " + f.name)
+        parser.add_argument(flag, type=type(default), default=default, help=f"{text} (default: {default})")
     parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default: 100)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    parser.add_argument("--extend", action="store_true",
+                        help="resume a finished or running run with a larger --steps (the schedule restarts)")  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--show-data", type=int, default=0, metavar="N",
@@ -413,7 +421,7 @@ def run(args: Any) -> int:
                 shown += 1
         return 0
     if not args.no_resume:
-        trainer.resume()
+        trainer.resume(extend=args.extend)
     params = sum(p.numel() for p in trainer.model.parameters())
     if world.main:
         logger.info("training a %.2fM-parameter Qwen3 on %s (%d process(es), %d threads)", params / 1e6,
