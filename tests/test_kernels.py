@@ -235,3 +235,116 @@ def test_model_with_packed_weights_tracks_the_torch_path(tmp_path) -> None:
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.9
     fp32 = load_model(folder, progress=False)
     assert not fp32.use_cpu_kernels()  # only bf16 weights are packed
+
+
+def _needs_kernels() -> None:
+    if not kernels.kernels_available():
+        pytest.skip("the kernels are not built here (test_kernel_builds_where_the_cpu_supports_it says why)")
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(16, 8, 128), (4, 2, 64), (12, 1, 32), (3, 3, 16)])
+def test_paged_attention_matches_float(hq: int, hkv: int, d: int) -> None:
+    """Decodes and prompt chunks of one step, over shuffled blocks, against float64 causal attention."""
+    _needs_kernels()
+    g = torch.Generator().manual_seed(hq * 100 + d)
+    block_size, num_blocks = 16, 64
+    keys = torch.randn(num_blocks, hkv, block_size, d, generator=g).bfloat16()
+    values = torch.randn(num_blocks, hkv, block_size, d, generator=g).bfloat16()
+    spans = [(37, 1), (0, 1), (100, 1), (250, 3), (0, 23), (5, 40), (16, 16)]  # (context, new tokens)
+    free = torch.randperm(num_blocks, generator=g).tolist()
+    tables = []
+    for context, n in spans:
+        count = -(-(context + n) // block_size)
+        tables.append(free[:count])
+        free = free[count:]
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    seq_lens = torch.tensor([c + n for c, n in spans], dtype=torch.int32)
+    starts = torch.tensor([0, *torch.tensor([n for _, n in spans]).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(starts[-1]), hq, d, generator=g).bfloat16()
+    # The new tokens' keys and values go in through the call; v as a strided view, as the model passes it.
+    new = [(s, p) for s, (context, n) in enumerate(spans) for p in range(context, context + n)]
+    slots = torch.tensor([tables[s][p // block_size] * block_size + p % block_size for s, p in new])
+    new_k = keys[slots // block_size, :, slots % block_size].clone()
+    new_v = torch.cat([values[slots // block_size, :, slots % block_size], new_k], dim=-1)[..., :d]
+    keys[slots // block_size, :, slots % block_size] = 0
+    values[slots // block_size, :, slots % block_size] = 0
+    cache_k, cache_v = keys.clone(), values.clone()
+    keys[slots // block_size, :, slots % block_size] = new_k
+    values[slots // block_size, :, slots % block_size] = new_v
+    scale = d**-0.5
+    args = (block_tables, seq_lens, starts, scale)
+    out = kernels.paged_attention(q, new_k, new_v, cache_k, cache_v, slots, *args)
+    assert torch.equal(cache_k, keys) and torch.equal(cache_v, values)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    for s, (context, n) in enumerate(spans):
+        pos = torch.arange(context + n)
+        block, row = torch.tensor(tables[s])[pos // block_size], pos % block_size
+        k = keys[block, :, row].double().transpose(0, 1).repeat_interleave(hq // hkv, dim=0)
+        v = values[block, :, row].double().transpose(0, 1).repeat_interleave(hq // hkv, dim=0)
+        rows = q[starts[s] : starts[s + 1]].double().transpose(0, 1)
+        mask = torch.ones(n, context + n, dtype=torch.bool).tril(context)
+        weights = (rows @ k.transpose(1, 2) * scale).masked_fill(~mask, float("-inf")).softmax(-1)
+        ref = (weights @ v).transpose(0, 1)
+        _assert_close(out[starts[s] : starts[s + 1]], ref, rel=1e-2)
+
+
+def test_fused_norm_and_rope_match_the_torch_path() -> None:
+    """rms_norm and qk_norm_rope round where layers.RMSNorm and apply_rotary do: equal to 1 bf16 ulp."""
+    _needs_kernels()
+    from qwen3.layers import RMSNorm, apply_rotary
+
+    g = torch.Generator().manual_seed(7)
+    tokens, hq, hkv, d = 9, 16, 8, 128
+
+    def norm(dim: int) -> RMSNorm:
+        module = RMSNorm(dim, 1e-6).to(torch.bfloat16)
+        module.weight.data = (torch.randn(dim, generator=g) * 0.1 + 1).bfloat16()
+        return module
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> None:  # mean(x^2) may be summed in another order
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-6)
+        assert (a != b).float().mean().item() < 0.01
+
+    hidden = norm(1024)
+    x = (torch.randn(5, 1024, generator=g) * 3).bfloat16()
+    with torch.no_grad():
+        close(kernels.rms_norm(x, hidden.weight, hidden.eps), hidden(x))
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * d, generator=g).bfloat16()
+    q_norm, k_norm = norm(d), norm(d)
+    angles = torch.randn(tokens, d, generator=g)
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    with torch.no_grad():
+        ref_q = apply_rotary(q_norm(q.view(1, tokens, hq, d)), cos[None], sin[None])[0]
+        ref_k = apply_rotary(k_norm(k.view(1, tokens, hkv, d)), cos[None], sin[None])[0]
+        fused_q, fused_k = kernels.qk_norm_rope(qkv, q_norm.weight, k_norm.weight, cos, sin, hq, hkv, 1e-6)
+    close(fused_q, ref_q)
+    close(fused_k, ref_k)
+
+
+def test_engine_kernel_attention_tracks_the_torch_path(tiny_checkpoint) -> None:
+    """A bf16 engine step (decodes and a prompt chunk together) gives the logits of torch's paged path."""
+    _needs_kernels()
+    from qwen3.llm import LLM
+    from qwen3.sampling import SamplingParams
+
+    llm = LLM(
+        str(tiny_checkpoint), dtype="bfloat16", max_model_len=256, kv_cache_memory="8MiB", progress=False
+    )
+    engine, cache = llm.engine, llm.engine.runner.cache
+    assert cache.use_kernel
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    g = torch.Generator().manual_seed(3)
+    for i, length in enumerate([5, 40, 17]):
+        if i:
+            engine.step()
+        engine.add_request(f"r{i}", torch.randint(0, 150000, (length,), generator=g).tolist(), params)
+    scheduled = engine.scheduler.schedule()
+    assert {n for _, n in scheduled} != {1}, "the step should mix decodes and a prompt chunk"
+    _, with_kernel = engine.runner.run(scheduled)
+    cache.use_kernel = False
+    _, with_torch = engine.runner.run(scheduled)  # rewrites the same keys and values
+    err = (with_kernel - with_torch).abs().max().item()
+    assert err < 0.05 * with_torch.abs().max().item()
+    assert torch.equal(with_kernel.argmax(-1), with_torch.argmax(-1))

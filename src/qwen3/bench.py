@@ -124,8 +124,7 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     from qwen3 import kernels
 
     buf = torch.ones(nbytes // 2, dtype=torch.bfloat16)
-    read = getattr(kernels, "read_bandwidth_probe", None)
-    fn = (lambda: read(buf)) if read is not None and kernels.kernels_available() else (lambda: buf.sum())
+    fn = (lambda: kernels.read_bandwidth_probe(buf)) if kernels.kernels_available() else (lambda: buf.sum())
     fn()
     return nbytes / median_time(fn, repeats)
 
@@ -167,8 +166,9 @@ def bench_qwen3(folder: Path, args: argparse.Namespace) -> dict[str, float]:
         for i in range(args.concurrency)
     ]
     results[f"batch{args.concurrency}_tok_s"] = _throughput(llm, fixed, greedy)
-    jobs = workload(args.requests, args.min_len, args.max_len, args.seed)
-    results["throughput_tok_s"] = _throughput(llm, jobs, greedy)
+    if args.requests:
+        jobs = workload(args.requests, args.min_len, args.max_len, args.seed)
+        results["throughput_tok_s"] = _throughput(llm, jobs, greedy)
     llm.engine.blocks.enable_prefix_caching = True
     return results
 
@@ -214,10 +214,12 @@ def bench_transformers(folder: Path, args: argparse.Namespace) -> dict[str, floa
         [torch.arange(2000 + i, 2000 + i + args.batch_prompt) for i in range(args.concurrency)]
     )
     start = time.perf_counter()
-    gen(fixed, args.batch_output)
+    gen(fixed, args.batch_output, torch.ones_like(fixed))
     results[f"batch{args.concurrency}_tok_s"] = (
         args.concurrency * args.batch_output / (time.perf_counter() - start)
     )
+    if not args.requests:
+        return results
     jobs = workload(args.requests, args.min_len, args.max_len, args.seed)
     total = sum(n for _, n in jobs)
     start = time.perf_counter()
@@ -241,7 +243,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="requests at once for the batch figure")
     parser.add_argument("--batch-prompt", type=int, default=128, help="prompt length in the batch figure")
     parser.add_argument("--batch-output", type=int, default=128, help="output length in the batch figure")
-    parser.add_argument("--requests", type=int, default=64, help="requests in the throughput workload")
+    parser.add_argument(
+        "--requests", type=int, default=64, help="requests in the throughput workload (0: skip it)"
+    )
     parser.add_argument("--min-len", type=int, default=100, help="shortest prompt/output in the workload")
     parser.add_argument("--max-len", type=int, default=1024, help="longest prompt/output in the workload")
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
@@ -267,10 +271,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         CACHE / f"qwen3-0.6b-random-{args.dtype}", QWEN3_0_6B, dtype
     )
     weight_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    from qwen3 import kernels
+
     report: dict[str, Any] = {
         "checkpoint": str(folder),
+        "cpu": _cpu_model(),
+        "kernel_isa": kernels.kernel_isa(),
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
+        "torch": torch.__version__,
     }
     report["read_bandwidth_GBs"] = read_bandwidth() / 1e9
     report["weight_GB"] = weight_bytes / 1e9
@@ -286,8 +295,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
 def bench_llama_cpp(folder: Path, args: argparse.Namespace) -> dict[str, float] | None:
-    """llama.cpp's own benches on a GGUF of the same weights (see docs/llama-cpp.md); None if unavailable."""
+    """llama.cpp's own benches on a GGUF of the same weights (see docs/benchmarks.md); None if unavailable."""
     try:
         import importlib.util
 
@@ -307,7 +324,10 @@ def format_report(report: dict[str, Any]) -> str:
     keys = [k for k in report["qwen3"]]
     peers = [p for p in ("transformers", "llama.cpp") if report.get(p)]
     head = f"{'tokens/s':<22}{'qwen3':>10}" + "".join(f"{p:>14}{'ratio':>8}" for p in peers)
-    lines = [head, "-" * len(head)]
+    machine = (
+        f"{report.get('cpu') or 'CPU'}, {report['threads']} threads, kernels: {report.get('kernel_isa')}"
+    )
+    lines = [f"{report['dtype']} on {machine}", head, "-" * len(head)]
     for key in keys:
         ours = report["qwen3"][key]
         row = f"{key.removesuffix('_tok_s'):<22}{ours:>10.1f}"

@@ -49,6 +49,9 @@ __all__ = [
     "pack_linear_weight",
     "packed_gate_up_silu",
     "packed_linear",
+    "paged_attention",
+    "qk_norm_rope",
+    "rms_norm",
 ]
 
 DISABLE_ENV = "QWEN3_DISABLE_KERNELS"
@@ -73,7 +76,11 @@ K_ALIGN = 32
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
-_SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
+# One library: linear layers (gemv.cpp), attention over the paged KV cache (attention.cpp), and the
+# fused RMSNorm and q/k-norm + RoPE (norm_rope.cpp).
+_SOURCES = tuple(
+    Path(__file__).parent / "csrc" / name for name in ("gemv.cpp", "attention.cpp", "norm_rope.cpp")
+)
 _LIBRARY = "qwen3_kernels"
 
 # Compiler flags for each instruction set the C++ source has a path for, best first, with the
@@ -117,7 +124,8 @@ def cpu_kernel_isa() -> str | None:
 
 def _build_dir(isa: str, cflags: list[str]) -> Path:
     h = hashlib.sha256()
-    h.update(_SOURCE.read_bytes())
+    for source in _SOURCES:
+        h.update(source.read_bytes())
     for part in (torch.__version__, sys.version, isa, *cflags):
         h.update(b"\0" + part.encode())
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -179,7 +187,7 @@ def _load(isa: str, namespace: str = _LIBRARY, defines: tuple[str, ...] = ()) ->
         # is loaded; no pybind11, which keeps the first build to ~12 s instead of ~40 s.
         cpp_extension.load(
             name=f"{namespace}_{build_dir.name}",
-            sources=[str(_SOURCE)],
+            sources=[str(source) for source in _SOURCES],
             extra_cflags=cflags,
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
@@ -203,6 +211,14 @@ def _register_fakes() -> None:
     try:
         torch.library.register_fake(f"{_LIBRARY}::packed_linear")(linear_fake)
         torch.library.register_fake(f"{_LIBRARY}::packed_gate_up_silu")(gate_up_fake)
+        torch.library.register_fake(f"{_LIBRARY}::paged_attention")(lambda q, *_: torch.empty_like(q))
+        torch.library.register_fake(f"{_LIBRARY}::rms_norm")(lambda x, *_: torch.empty_like(x))
+
+        def qk_norm_rope_fake(qkv, q_weight, k_weight, cos, sin, hq, hkv, eps):
+            d = q_weight.numel()
+            return qkv.new_empty(qkv.shape[0], hq, d), qkv.new_empty(qkv.shape[0], hkv, d)
+
+        torch.library.register_fake(f"{_LIBRARY}::qk_norm_rope")(qk_norm_rope_fake)
     except Exception as e:  # only torch.compile needs them
         logger.debug("could not register fake kernels: %s", e)
 
@@ -347,16 +363,12 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
         if packed.gate_up:
             raise ValueError("this PackedWeight is a gate/up pair; use packed_gate_up_silu")
         return _torch_linear(x, packed.weight, bias)
-    # The common decode case first, with as little Python as possible: ~3 us per call all told,
-    # which matters at ~200 calls per token.
-    if x.dim() == 2 and x.shape[1] == packed.in_features and x.dtype in _KERNEL_DTYPES and not packed.gate_up:
-        return torch.ops.qwen3_kernels.packed_linear.default(x, data, packed.out_features, bias)
     if packed.gate_up:
         raise ValueError("this PackedWeight is a gate/up pair; use packed_gate_up_silu")
     y = torch.ops.qwen3_kernels.packed_linear.default(
         _as_rows(x, packed.in_features), data, packed.out_features, bias
     )
-    return y.to(x.dtype).reshape(*x.shape[:-1], packed.out_features)
+    return _like(y, x, packed.out_features)
 
 
 def packed_gate_up_silu(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
@@ -367,12 +379,73 @@ def packed_gate_up_silu(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
     if data is None:
         gate, up = _torch_linear(x, packed.weight, None).chunk(2, dim=-1)
         return F.silu(gate) * up
-    if x.dim() == 2 and x.shape[1] == packed.in_features and x.dtype in _KERNEL_DTYPES:
-        return torch.ops.qwen3_kernels.packed_gate_up_silu.default(x, data, packed.out_features)
     y = torch.ops.qwen3_kernels.packed_gate_up_silu.default(
         _as_rows(x, packed.in_features), data, packed.out_features
     )
-    return y.to(x.dtype).reshape(*x.shape[:-1], packed.out_features)
+    return _like(y, x, packed.out_features)
+
+
+def _like(y: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+    """The kernel's [M, N] result with x's leading dimensions and dtype (a view, no copy, for bf16 x)."""
+    return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*x.shape[:-1], n)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slots: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_starts: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Writes a step's new keys/values to a paged bf16 KV cache and attends (``csrc/attention.cpp``).
+
+    q ``[N, Hq, D]``, k and v ``[N, Hkv, D]`` (the N new tokens); caches ``[num_blocks, Hkv, block_size,
+    D]``, token n going to slot ``slots[n]`` (int64: row ``slot % block_size`` of block ``slot //
+    block_size``). Sequence s owns rows ``query_starts[s]:query_starts[s + 1]``, the last of its
+    ``seq_lens[s]`` cached tokens, and attends causally through ``block_tables[s]`` (all three int32).
+    Returns ``[N, Hq, D]``. Only with the kernels loaded (``kernels_available()``).
+    """
+    return torch.ops.qwen3_kernels.paged_attention.default(
+        q, k, v, key_cache, value_cache, slots, block_tables, seq_lens, query_starts, scale
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``layers.RMSNorm`` in one pass for bf16 x and weight (``csrc/norm_rope.cpp``); kernels loaded."""
+    return torch.ops.qwen3_kernels.rms_norm.default(x, weight, eps)
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm then RoPE of the q and k parts of a fused qkv ``[T, (Hq + 2 Hkv) * D]`` (bf16).
+
+    cos/sin are ``[T, D]`` in bf16. Returns q ``[T, Hq, D]`` and k ``[T, Hkv, D]``; kernels loaded.
+    """
+    return torch.ops.qwen3_kernels.qk_norm_rope.default(
+        qkv, q_weight, k_weight, cos, sin, num_heads, num_kv_heads, eps
+    )
+
+
+def read_bandwidth_probe(buf: torch.Tensor) -> float:
+    """Streams a contiguous bf16 buffer once on torch's threads with the kernels' loads (a checksum back).
+
+    The memory-read roofline for benchmarks: what batch-1 decode, which reads every weight once, can
+    approach. Kernels loaded.
+    """
+    return torch.ops.qwen3_kernels.read_bandwidth_probe.default(buf)
 
 
 def kernel_row_limit() -> int:
@@ -398,9 +471,18 @@ def linear(
     Decode (few rows) is memory-bound and the kernel streams the weights faster than torch; for many
     rows (prefill) torch's GEMM can be the better choice, depending on the CPU (see ``_ROW_LIMITS``).
     """
-    if packed is None or packed.data is None or x.requires_grad:
+    data = None if packed is None else packed.data
+    if data is None or x.requires_grad:
         return _torch_linear(x, weight, bias)
-    rows = x.numel() // max(1, x.shape[-1])
-    if rows <= kernel_row_limit():
-        return packed_linear(x, packed, bias)
-    return _torch_linear(x, weight, bias)
+    k = x.shape[-1]
+    rows = x.numel() // max(1, k)
+    if rows > kernel_row_limit():
+        return _torch_linear(x, weight, bias)
+    if (
+        x.dtype == torch.bfloat16 and k == packed.in_features
+    ):  # the decode hot path, as little Python as can be
+        n = packed.out_features
+        return torch.ops.qwen3_kernels.packed_linear.default(x.reshape(rows, k), data, n, bias).view(
+            *x.shape[:-1], n
+        )
+    return packed_linear(x, packed, bias)

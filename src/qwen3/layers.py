@@ -42,12 +42,16 @@ class Linear(nn.Linear):
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dimension, computed in float32 like the reference."""
 
+    fused = False  # set by Qwen3ForCausalLM.use_cpu_kernels: bf16 inference runs the one-pass C++ op
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and not x.requires_grad:
+            return kernels.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -190,12 +194,19 @@ class Attention(nn.Module):
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.view(b, t, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(b, t, self.num_kv_heads, self.head_dim))
-        v = v.view(b, t, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
         cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        v = qkv[..., self.q_size + self.kv_size :].view(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm.fused and not qkv.requires_grad:  # q/k norm and RoPE in one C++ pass
+            q, k = kernels.qk_norm_rope(
+                qkv.view(b * t, -1), self.q_norm.weight, self.k_norm.weight, cos.reshape(b * t, -1),
+                sin.reshape(b * t, -1), self.num_heads, self.num_kv_heads, self.q_norm.eps,
+            )  # fmt: skip
+            q, k = q.view(b, t, self.num_heads, self.head_dim), k.view(b, t, self.num_kv_heads, self.head_dim)
+        else:
+            q, k = qkv[..., : self.q_size + self.kv_size].split([self.q_size, self.kv_size], dim=-1)
+            q = apply_rotary(self.q_norm(q.view(b, t, self.num_heads, self.head_dim)), cos, sin)
+            k = apply_rotary(self.k_norm(k.view(b, t, self.num_kv_heads, self.head_dim)), cos, sin)
         out = backend.attend(self.layer_idx, q, k, v, self.scale)
         return self.o_proj(out.reshape(b, t, self.q_size))
 

@@ -88,7 +88,10 @@ class Qwen3ForCausalLM(nn.Module):
         return self.compute_logits(self.hidden_states(input_ids, positions, backend))
 
     def use_cpu_kernels(self) -> bool:
-        """Repack bf16 weights for qwen3's CPU matrix-vector kernels (inference only; costs a copy).
+        """Repack bf16 weights for qwen3's CPU kernels, and fuse the norms and RoPE (inference only).
+
+        The linear layers then run on the packed copies (costs a copy of the weights); RMSNorm and
+        the attention's q/k norm + RoPE run as one C++ op each.
 
         Returns False, changing nothing, when the model is not bf16 on CPU or the kernels are
         unavailable. Weights must not change afterwards: the packed copies would go stale.
@@ -98,6 +101,8 @@ class Qwen3ForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, MLP) or isinstance(module, Linear) and module.packable:
                 module.pack()
+            elif isinstance(module, RMSNorm):
+                module.fused = True  # and Attention then fuses its q/k norms with RoPE
         return True
 
     @torch.no_grad()
