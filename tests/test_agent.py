@@ -46,7 +46,7 @@ def test_tool_schema_from_a_python_function() -> None:
 
 
 def test_calculator_schema_is_the_one_the_model_was_trained_with() -> None:
-    from qwen3.training.data import CALCULATOR_TOOL
+    from qwen3.train.data import CALCULATOR_TOOL
 
     assert CALCULATOR.schema() == CALCULATOR_TOOL
 
@@ -72,13 +72,12 @@ def test_calculator_refuses_anything_but_arithmetic(expression: str) -> None:
 
 
 def test_agent_round_trip_with_the_shipped_model(default_llm) -> None:
+    """Numbers of the sizes the tiny model was trained on (it copies them into the call)."""
     agent = Agent(default_llm, [calculator], sampling=SamplingParams(temperature=0, max_tokens=256))
-    results = agent.run_batch(
-        ["What is 347 * 589?", "Compute 4821 - 937.", "How many r's are in strawberry?"]
-    )
+    results = agent.run_batch(["What is 347 * 58?", "Compute 4821 - 937.", "How many r's are in strawberry?"])
     mul, sub, count = results
-    assert mul.calls == [("calculator", json.dumps({"expression": "347 * 589"}), "204383")]
-    assert "204383" in mul.content and mul.finish_reason == "stop"
+    assert mul.calls == [("calculator", json.dumps({"expression": "347 * 58"}), "20126")]
+    assert "20126" in mul.content and mul.finish_reason == "stop"
     assert [m["role"] for m in mul.messages] == ["user", "assistant", "tool", "assistant"]
     assert sub.calls and sub.calls[0][2] == "3884" and "3884" in sub.content
     assert count.calls == [] and count.content.rstrip(".").endswith("strawberry")  # no tool needed

@@ -26,6 +26,13 @@ def test_console_script_runs():
     assert "Qwen3" in out.stdout
 
 
+def test_python_m_qwen3_train_is_qwen3_train():
+    out = subprocess.run(
+        [sys.executable, "-m", "qwen3.train", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "--stage3-from" in out.stdout and "--extend" in out.stdout
+
+
 def test_demo_decodes(capsys):
     assert main(["demo", "--tokens", "8"]) == 0
     out = capsys.readouterr().out

@@ -288,7 +288,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the tiny hybrid-thinking Qwen3 on synthetic reasoning tasks (cold start, then Thinking Mode
     Fusion) and write a Hugging Face folder; resumes from OUTPUT/checkpoint when there is one."""
-    from qwen3.training.trainer import run
+    from qwen3.train.trainer import run
 
     return run(args)
 
@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=cmd_train.__doc__,
         epilog="Data parallel: torchrun --nproc-per-node 2 -m qwen3 train --output DIR ...",
     )
-    from qwen3.training.trainer import add_arguments as add_train_arguments
+    from qwen3.train.trainer import add_arguments as add_train_arguments
 
     add_train_arguments(train)
     train.set_defaults(func=cmd_train)

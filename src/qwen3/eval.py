@@ -30,7 +30,7 @@ from qwen3.agent import CALCULATOR, Agent, evaluate_arithmetic
 from qwen3.chat import soft_switch
 from qwen3.llm import LLM
 from qwen3.sampling import SamplingParams
-from qwen3.training import tasks
+from qwen3.train import tasks
 
 logger = logging.getLogger(__name__)
 

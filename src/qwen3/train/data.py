@@ -1,6 +1,6 @@
-"""Training data for the tiny Qwen3: its tokenizer, the samples of each stage, and packed batches.
+"""Training data for the tiny Qwen3: its tokenizer, the samples of each stage, and micro-batches.
 
-Two stages, after the Qwen3 report (../shared/spec/hybrid_thinking.md (i)), scaled down:
+Three stages, after the Qwen3 report (../shared/spec/hybrid_thinking.md (i)), scaled down:
 
 1. **Cold start** — plain documents of worked solutions (question, step-by-step solution, answer),
    loss on every token: the model learns the procedures before it learns the chat format.
@@ -10,6 +10,9 @@ Two stages, after the Qwen3 report (../shared/spec/hybrid_thinking.md (i)), scal
    dialogs whose latest flag wins, dialogs with the ``calculator`` tool (call, response, answer), and
    thinking cut short by the engine's stop-thinking text at a random budget, so the model learns to
    answer from incomplete thinking exactly as the engine will ask it to.
+3. **General** — the same conversations with questions in broader phrasings (more templates, openings
+   and closings: ``tasks`` ``phrasing="broad"``), standing in for the report's general stage, whose
+   aim is following instructions however they are worded.
 
 Every sample is a pure function of a :class:`random.Random`, and a step's batch is a pure function of
 (seed, step): resuming, or splitting a batch over data-parallel ranks, sees the same data.
@@ -29,7 +32,7 @@ from tokenizers import Tokenizer as _Backend
 from qwen3.chat import builtin_template, render, soft_switch
 from qwen3.engine.llm_engine import STOP_THINKING_TEXT
 from qwen3.tokenizer import PRETOKENIZE_REGEX, Tokenizer
-from qwen3.training import tasks
+from qwen3.train import tasks
 
 CALCULATOR_TOOL: dict[str, Any] = {
     "type": "function",
@@ -339,8 +342,8 @@ class DataMix:
 
 
 def stage_samples(builder: SampleBuilder, rng: random.Random, stage: int, mix: DataMix) -> list[Sample]:
-    """The samples made from one problem in ``stage`` (1: cold start, 2: fusion)."""
-    problem = tasks.generate(rng)
+    """The samples made from one problem in ``stage`` (1: cold start, 2: fusion, 3: general)."""
+    problem = tasks.generate(rng, phrasing="broad" if stage == 3 else "train")
     if stage == 1:
         return [builder.cold_start(problem)]
     messages, tools, enable_thinking = fusion_conversation(rng, problem)

@@ -9,7 +9,7 @@ import pytest
 
 from qwen3.chat import render
 from qwen3.engine.llm_engine import STOP_THINKING_TEXT
-from qwen3.training import data, tasks
+from qwen3.train import data, tasks
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +174,13 @@ def test_batches_are_reproducible_and_label_the_next_learned_token(builder, toke
         assert (b.labels[rows, cols] == b.input_ids[rows, cols + 1]).all()
     cold = data.batch_samples(builder, 0, 0, 1, 2000, mix)
     assert all(all(s.targets) for s in cold)  # stage 1 learns every token of the worked solutions
+
+
+def test_stage_three_asks_in_broader_phrasings(builder, tokenizer) -> None:
+    mix = data.DataMix()
+    texts = {stage: [tokenizer.decode(s.ids) for s in data.batch_samples(builder, 0, 5, stage, 6000, mix)]
+             for stage in (2, 3)}  # fmt: skip
+    closings = [t for t in tasks._BROAD_SUFFIXES if t]
+    assert not any(c in t for t in texts[2] for c in closings)
+    assert sum(any(c in t for c in closings) for t in texts[3]) > 5
+    assert all("<|im_start|>assistant" in t for t in texts[3])  # still Thinking Mode Fusion conversations

@@ -1,17 +1,18 @@
 """``qwen3 train``: the tiny hybrid-thinking Qwen3, from a seed to a Hugging Face folder.
 
 The model is the inference code's own :class:`~qwen3.model.Qwen3ForCausalLM` (QK-norm and all), fed
-packed rows of samples (:mod:`qwen3.training.data`) through a block-diagonal causal mask. One run:
+micro-batches of samples of similar length (:mod:`qwen3.train.data`), right-padded. One run:
 
 1. trains a byte-level BPE on the corpus (Qwen3's special tokens on top),
 2. stage 1, cold start on worked solutions, for ``stage1_steps`` steps,
-3. stage 2, Thinking Mode Fusion, until ``steps``,
+3. stage 2, Thinking Mode Fusion, until ``stage3_from``,
+   then stage 3, the same in broader phrasings (general), until ``steps``,
 4. writes config.json, model.safetensors, the tokenizer with the official chat template and
    generation_config.json — a folder ``qwen3.load_model`` and transformers both load.
 
 Reproducible: weights start from ``seed`` and a step's data is a function of (seed, step), so a run
 resumed from a checkpoint continues exactly as if it had not stopped, and data parallelism over
-``torchrun`` processes splits the same global batch (each rank packs every world-size-th sample, and
+``torchrun`` processes splits the same global batch (each rank takes every world-size-th sample, and
 the loss is normalised by the global number of target tokens, so the gradient is the one-process
 gradient). Checkpoints are safetensors and JSON only — never pickles.
 """
@@ -38,7 +39,7 @@ from qwen3.checkpoint import save_model
 from qwen3.config import Qwen3Config
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.tokenizer import Tokenizer
-from qwen3.training import data
+from qwen3.train import data
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +49,12 @@ class TrainConfig:
     """Everything that determines a run. Saved with every checkpoint; a resumed run must match it."""
 
     seed: int = field(default=0, metadata={"help": "weights, tokenizer and data all follow from it"})
-    steps: int = field(default=1300, metadata={"help": "optimizer steps in all"})
+    steps: int = field(default=3700, metadata={"help": "optimizer steps in all"})
     stage1_steps: int = field(
         default=250, metadata={"help": "of those, cold-start steps on worked solutions"}
+    )
+    stage3_from: int = field(
+        default=2000, metadata={"help": "first step of stage 3, Thinking Mode Fusion in broader phrasings"}
     )
     tokens_per_step: int = field(default=8192, metadata={"help": "global batch, in tokens"})
     micro_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per forward pass"})
@@ -196,7 +200,9 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------------
 
     def stage(self, step: int) -> int:
-        return 1 if step < self.config.stage1_steps else 2
+        if step < self.config.stage1_steps:
+            return 1
+        return 3 if step >= self.config.stage3_from else 2
 
     def batch(self, step: int) -> tuple[list[data.Batch], int, int]:
         """This rank's micro-batches of step ``step``'s global batch, and the global numbers of target
@@ -356,7 +362,7 @@ class Trainer:
 
 
 def history_plot(history: list[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """The loss curve as a PNG (log scale; the stage boundary marked)."""
+    """The loss curve as a PNG (log scale; the stage boundaries marked)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -365,9 +371,12 @@ def history_plot(history: list[dict[str, Any]], path: str | os.PathLike) -> Path
     steps = [h["step"] for h in history]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [h["loss"] for h in history], lw=1)
-    boundary = next((h["step"] for h in history if h["stage"] == 2), None)
-    if boundary is not None:
-        ax.axvline(boundary, color="grey", ls="--", lw=1, label="stage 2: Thinking Mode Fusion")
+    labels = {2: "stage 2: Thinking Mode Fusion", 3: "stage 3: general (broader phrasings)"}
+    for stage, label in labels.items():
+        boundary = next((h["step"] for h in history if h["stage"] == stage), None)
+        if boundary is not None:
+            ax.axvline(boundary, color="grey", ls="--" if stage == 2 else ":", lw=1, label=label)
+    if any(h["stage"] > 1 for h in history):
         ax.legend()
     ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -394,6 +403,8 @@ def add_arguments(parser: Any) -> None:
         text = f.metadata.get("help", "model size: config.json's " + f.name)
         parser.add_argument(flag, type=type(default), default=default, help=f"{text} (default: {default})")
     parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default: 100)")
+    parser.add_argument("--until", type=int, default=None, metavar="STEP",
+                        help="stop after this step (checkpointed; resume later to go on)")  # fmt: skip
     parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     parser.add_argument("--extend", action="store_true",
                         help="resume a finished or running run with a larger --steps (the schedule restarts)")  # fmt: skip
@@ -426,7 +437,7 @@ def run(args: Any) -> int:
     if world.main:
         logger.info("training a %.2fM-parameter Qwen3 on %s (%d process(es), %d threads)", params / 1e6,
                     world.device, world.size, torch.get_num_threads())  # fmt: skip
-    trainer.train(save_every=args.save_every)
+    trainer.train(save_every=args.save_every, until=args.until)
     if world.main:
         trainer.save_checkpoint()
         folder = trainer.export(args.output / "model")

@@ -6,9 +6,11 @@ transformer can do one at a time — one column of digits, one letter, one compa
 alone asks for all of them at once. Every solution starts by restating the problem in one canonical
 form (``347 + 589``), so the steps after it never depend on how the user phrased the question.
 
-Questions come in many phrasings. Each task has templates for training and a disjoint set held out for
+Questions come in many phrasings. Each task has templates for training, a disjoint set held out for
 evaluation (``phrasing="heldout"``), so the evaluation measures whether the model copes with phrasings
-it never saw word for word. Generators are pure functions of a :class:`random.Random`, so a seed fixes
+it never saw word for word, and a broader set (``phrasing="broad"``: the training templates, more of
+them, more openings and closings) for the last training stage, which teaches the model to look past
+the wording. Generators are pure functions of a :class:`random.Random`, so a seed fixes
 a data set.
 """
 
@@ -59,13 +61,27 @@ def check_answer(task: str, result: str, content: str) -> bool:
 # --- phrasing ---------------------------------------------------------------------------------------
 
 _PREFIXES = ("", "", "", "", "Please ", "Quick question: ", "Hey, ", "Can you help? ", "I need this: ")
+_BROAD_PREFIXES = ("Hi! ", "Hello, ", "Question: ", "So, ", "OK, ", "Help me out: ", "I wonder: ",
+                   "My homework asks: ", "Be careful: ", "Another one. ")  # fmt: skip
+_BROAD_SUFFIXES = (
+    "",
+    "",
+    "",
+    " Thanks!",
+    " Thank you.",
+    " Show your steps.",
+    " Be quick.",
+    " Answer please.",
+)
+PHRASINGS = ("train", "heldout", "broad")
 
 
-def _phrase(rng: random.Random, templates: tuple[str, ...], **values: object) -> str:
-    """A template filled in, with an optional polite prefix and light variation in case and ending."""
+def _phrase(rng: random.Random, templates: tuple[str, ...], phrasing: str, **values: object) -> str:
+    """A template filled in, with an optional polite prefix and light variation in case and ending;
+    ``broad`` phrasing adds more openings and a closing remark."""
     text = rng.choice(templates).format(**values)
-    prefix = rng.choice(_PREFIXES)
-    if prefix and prefix.endswith(" ") and not prefix.endswith(": ") and not prefix.endswith("? "):
+    prefix = rng.choice(_PREFIXES + _BROAD_PREFIXES if phrasing == "broad" else _PREFIXES)
+    if prefix and prefix.endswith(" ") and not prefix.endswith((": ", "? ", "! ", ". ")):
         text = text[0].lower() + text[1:]
     text = prefix + text
     roll = rng.random()
@@ -73,15 +89,21 @@ def _phrase(rng: random.Random, templates: tuple[str, ...], **values: object) ->
         text = text.rstrip("?.!")
     elif roll < 0.15:
         text = text.lower()
+    if phrasing == "broad":
+        text += rng.choice(_BROAD_SUFFIXES)
     return text
 
 
-def _templates(train: tuple[str, ...], heldout: tuple[str, ...], phrasing: str) -> tuple[str, ...]:
+def _templates(
+    train: tuple[str, ...], heldout: tuple[str, ...], broad: tuple[str, ...], phrasing: str
+) -> tuple[str, ...]:
     if phrasing == "train":
         return train
     if phrasing == "heldout":
         return heldout
-    raise ValueError(f"phrasing must be 'train' or 'heldout', not {phrasing!r}")
+    if phrasing == "broad":
+        return train + broad
+    raise ValueError(f"phrasing must be one of {PHRASINGS}, not {phrasing!r}")
 
 
 def _number(rng: random.Random, digits: int) -> int:
@@ -135,13 +157,29 @@ ADD_HELDOUT = (
     "Solve: {a} + {b}",
     "What does {a} + {b} equal?",
 )
+ADD_BROAD = (
+    "Add up {a} and {b}.",
+    "{a} added to {b} gives what?",
+    "Can you add {a} with {b}?",
+    "Give me the sum: {a} + {b}",
+    "I want {a} + {b}.",
+    "{a} and {b} together make how much?",
+    "Total up {a} and {b}.",
+    "Increase {a} by {b}.",
+    "A shop sold {a} items and then {b} more. How many in all?",
+    "Result of {a} + {b}?",
+    "{a}+{b}",
+    "Figure out {a} + {b}.",
+    "Determine {a} plus {b}.",
+    "What number is {b} more than {a}?",
+)
 
 
 def addition(rng: random.Random, phrasing: str = "train") -> Problem:
     a, b = _number(rng, rng.randint(2, 4)), _number(rng, rng.randint(2, 4))
     expr = f"{a} + {b}"
     thinking = "\n".join([f"{expr}", *addition_steps(a, b), f"So {expr} = {a + b}."])
-    question = _phrase(rng, _templates(ADD_TRAIN, ADD_HELDOUT, phrasing), a=a, b=b)
+    question = _phrase(rng, _templates(ADD_TRAIN, ADD_HELDOUT, ADD_BROAD, phrasing), phrasing, a=a, b=b)
     return Problem("add", question, thinking, f"{expr} = {a + b}.", str(a + b), expr)
 
 
@@ -184,6 +222,20 @@ SUB_HELDOUT = (
     "What does {a} - {b} equal?",
     "Tell me {a} take away {b}.",
 )
+SUB_BROAD = (
+    "Decrease {a} by {b}.",
+    "What is {a} less {b}?",
+    "How much is left when {b} is taken from {a}?",
+    "Give me the difference: {a} - {b}",
+    "Result of {a} - {b}?",
+    "{a}-{b}",
+    "Figure out {a} - {b}.",
+    "Determine {a} minus {b}.",
+    "Deduct {b} from {a}.",
+    "A tank holds {a} liters and {b} leak out. How many remain?",
+    "I want {a} - {b}.",
+    "What number is {b} less than {a}?",
+)
 
 
 def subtraction(rng: random.Random, phrasing: str = "train") -> Problem:
@@ -197,7 +249,7 @@ def subtraction(rng: random.Random, phrasing: str = "train") -> Problem:
     if a < b:
         lines.append(f"{b} - {a} = {b - a}, so the result is {a - b}")
     lines.append(f"So {expr} = {a - b}.")
-    question = _phrase(rng, _templates(SUB_TRAIN, SUB_HELDOUT, phrasing), a=a, b=b)
+    question = _phrase(rng, _templates(SUB_TRAIN, SUB_HELDOUT, SUB_BROAD, phrasing), phrasing, a=a, b=b)
     return Problem("sub", question, "\n".join(lines), f"{expr} = {a - b}.", str(a - b), expr)
 
 
@@ -238,6 +290,19 @@ MUL_HELDOUT = (
     "What does {a} * {b} equal?",
     "Tell me {a} multiplied by {b}.",
 )
+MUL_BROAD = (
+    "Multiply {a} with {b}.",
+    "Give me the product: {a} * {b}",
+    "Result of {a} * {b}?",
+    "{a}*{b}",
+    "Figure out {a} * {b}.",
+    "Determine {a} times {b}.",
+    "What is {b} groups of {a}?",
+    "There are {b} rows of {a} seats. How many seats?",
+    "I want {a} * {b}.",
+    "{a} x {b} = ?",
+    "Find the product {a} * {b}.",
+)
 
 
 def multiplication(rng: random.Random, phrasing: str = "train") -> Problem:
@@ -258,7 +323,7 @@ def multiplication(rng: random.Random, phrasing: str = "train") -> Problem:
         lines += [f"{a} * {tens}:", *steps, f"times 10: {p2 * 10}"]
         lines += [f"{p1} + {p2 * 10}", *addition_steps(p1, p2 * 10)]
     lines.append(f"So {expr} = {a * b}.")
-    question = _phrase(rng, _templates(MUL_TRAIN, MUL_HELDOUT, phrasing), a=a, b=b)
+    question = _phrase(rng, _templates(MUL_TRAIN, MUL_HELDOUT, MUL_BROAD, phrasing), phrasing, a=a, b=b)
     return Problem("mul", question, "\n".join(lines), f"{expr} = {a * b}.", str(a * b), expr)
 
 
@@ -355,6 +420,18 @@ EXPR_HELDOUT = (
     "Tell me what {e} equals.",
     "Mind the order of operations: {e}",
 )
+EXPR_BROAD = (
+    "Give me the result of {e}.",
+    "Result of {e}?",
+    "Figure out {e}.",
+    "Determine {e}.",
+    "{e}",
+    "Work this out: {e}",
+    "Using precedence rules, compute {e}.",
+    "What number is {e}?",
+    "I want {e}.",
+    "Careful with precedence: {e} = ?",
+)
 
 
 def expression(rng: random.Random, phrasing: str = "train") -> Problem:
@@ -366,7 +443,7 @@ def expression(rng: random.Random, phrasing: str = "train") -> Problem:
     steps, value = evaluated
     expr = _format(tokens, parens)
     thinking = "\n".join([expr, *steps, f"So {expr} = {value}."])
-    question = _phrase(rng, _templates(EXPR_TRAIN, EXPR_HELDOUT, phrasing), e=expr)
+    question = _phrase(rng, _templates(EXPR_TRAIN, EXPR_HELDOUT, EXPR_BROAD, phrasing), phrasing, e=expr)
     return Problem("expr", question, thinking, f"{expr} = {value}.", str(value), expr)
 
 
@@ -419,6 +496,16 @@ COUNT_HELDOUT = (
     "What is the count of the letter {l} in {w}?",
     "Spell {w} and count its {l}'s.",
 )
+COUNT_BROAD = (
+    "In {w}, how many {l}s are there?",
+    "{w}: how many {l}'s?",
+    "Number of times {l} appears in {w}?",
+    "How often is the letter {l} in {w}?",
+    "Tally the letter {l} in the word {w}.",
+    "Find how many {l} letters {w} has.",
+    "Count every {l} in {w}.",
+    "How many {l} does the word {w} contain?",
+)
 
 
 def count_letters(rng: random.Random, phrasing: str = "train") -> Problem:
@@ -440,7 +527,9 @@ def count_letters(rng: random.Random, phrasing: str = "train") -> Problem:
             f"So {letter} appears {n} times.",
         ]
     )
-    question = _phrase(rng, _templates(COUNT_TRAIN, COUNT_HELDOUT, phrasing), l=letter, w=word)
+    question = _phrase(
+        rng, _templates(COUNT_TRAIN, COUNT_HELDOUT, COUNT_BROAD, phrasing), phrasing, l=letter, w=word
+    )
     answer = f"The letter {letter} appears {n} times in {word}."
     return Problem("count", question, thinking, answer, str(n))
 
@@ -501,7 +590,23 @@ SMALLER_TRAIN = (
     "Between {x} and {y}, which is smaller?",
 )
 LARGER_HELDOUT = ("Pick the greater value: {x} vs {y}.", "{x} or {y}: which one is more?")
+LARGER_BROAD = (
+    "Of {x} and {y}, which is bigger?",
+    "Between {x} and {y}, which number is higher?",
+    "Is {x} or {y} the bigger number?",
+    "Choose the larger: {x}, {y}.",
+    "Which of {x} and {y} has the greater value?",
+    "Max of {x} and {y}?",
+)
 SMALLER_HELDOUT = ("Pick the lesser value: {x} vs {y}.", "{x} or {y}: which one is less?")
+SMALLER_BROAD = (
+    "Of {x} and {y}, which is less?",
+    "Between {x} and {y}, which number is lower?",
+    "Is {x} or {y} the smaller number?",
+    "Choose the smaller: {x}, {y}.",
+    "Which of {x} and {y} has the lower value?",
+    "Min of {x} and {y}?",
+)
 
 
 def compare_decimals(rng: random.Random, phrasing: str = "train") -> Problem:
@@ -514,12 +619,12 @@ def compare_decimals(rng: random.Random, phrasing: str = "train") -> Problem:
     larger = rng.random() < 0.6
     lines, winner = compare_steps(x, y, larger)
     if larger:
-        templates = _templates(LARGER_TRAIN, LARGER_HELDOUT, phrasing)
+        templates = _templates(LARGER_TRAIN, LARGER_HELDOUT, LARGER_BROAD, phrasing)
         answer = f"{winner} is larger than {y if winner == x else x}."
     else:
-        templates = _templates(SMALLER_TRAIN, SMALLER_HELDOUT, phrasing)
+        templates = _templates(SMALLER_TRAIN, SMALLER_HELDOUT, SMALLER_BROAD, phrasing)
         answer = f"{winner} is smaller than {y if winner == x else x}."
-    question = _phrase(rng, templates, x=x, y=y)
+    question = _phrase(rng, templates, phrasing, x=x, y=y)
     return Problem("compare", question, "\n".join(lines), answer, winner)
 
 
@@ -543,7 +648,23 @@ SORT_DOWN_TRAIN = (
     "Sort these numbers from biggest to smallest: {s}.",
 )
 SORT_UP_HELDOUT = ("Rank {s} from least to greatest.", "Please give me {s} sorted.")
+SORT_UP_BROAD = (
+    "Order {s} from low to high.",
+    "Put {s} in order, smallest first.",
+    "Sort: {s}",
+    "Ascending order of {s}?",
+    "Sort {s}, smallest first.",
+    "Arrange these from least to most: {s}.",
+)
 SORT_DOWN_HELDOUT = ("Rank {s} from greatest to least.", "Reverse-sort {s}.")
+SORT_DOWN_BROAD = (
+    "Order {s} from high to low.",
+    "Put {s} in order, largest first.",
+    "Descending order of {s}?",
+    "Sort {s}, biggest first.",
+    "Arrange these from most to least: {s}.",
+    "Sort {s} from big to small.",
+)
 
 
 def sort_numbers(rng: random.Random, phrasing: str = "train") -> Problem:
@@ -565,10 +686,10 @@ def sort_numbers(rng: random.Random, phrasing: str = "train") -> Problem:
     result = ", ".join(map(str, out))
     lines.append(f"Last: {left[0]}. So the sorted list is {result}.")
     if ascending:
-        templates = _templates(SORT_UP_TRAIN, SORT_UP_HELDOUT, phrasing)
+        templates = _templates(SORT_UP_TRAIN, SORT_UP_HELDOUT, SORT_UP_BROAD, phrasing)
     else:
-        templates = _templates(SORT_DOWN_TRAIN, SORT_DOWN_HELDOUT, phrasing)
-    question = _phrase(rng, templates, s=listed)
+        templates = _templates(SORT_DOWN_TRAIN, SORT_DOWN_HELDOUT, SORT_DOWN_BROAD, phrasing)
+    question = _phrase(rng, templates, phrasing, s=listed)
     return Problem("sort", question, "\n".join(lines), f"The sorted list is {result}.", result)
 
 

@@ -1,0 +1,4 @@
+"""Training the tiny hybrid-thinking Qwen3: the tasks, the data of each stage, and the trainer.
+
+``qwen3 train`` and ``python -m qwen3.train`` run :func:`qwen3.train.trainer.run`.
+"""
