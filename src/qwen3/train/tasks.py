@@ -35,7 +35,7 @@ class Problem:
     answer: str  # the final answer as the model should state it
     result: str  # the canonical result the checker compares (a number, or "1, 2, 5" for sort)
     expression: str | None = None  # for arithmetic: what a calculator tool would be given
-    phrasing: str = "train"  # which templates the question came from: "train" or "heldout"
+    phrasing: str = "train"  # which templates the question came from: one of PHRASINGS
 
     def check(self, content: str) -> bool:
         """Whether a model's answer (the content after thinking) states this problem's result."""
