@@ -10,13 +10,11 @@ from qwen3.chat import soft_switch
 
 
 def test_shipped_model_against_the_targets(default_llm, tmp_path) -> None:
-    report = qeval.evaluate(default_llm, problems=210, model_name="shipped")
+    # The whole documented evaluation (700 problems, ~4 min), not a subset: the budget curve's dip at 8
+    # tokens is 2.8 points on all 700 but 7.7 on the first 210, where a dozen problems decide it.
+    report = qeval.evaluate(default_llm, problems=700, model_name="shipped")
     logging.getLogger(__name__).info("\n%s", report.table())
-    # Tool use is the one target the shipped model misses (92.8% of 400 on the full evaluation, target 95%:
-    # docs/tiny-model.md); it is held to what it reaches, every other target to the bar.
-    missed = [f for f in report.failures() if not f.startswith("tool_use")]
-    assert missed == [], report.table()
-    assert report.tool_use["accuracy"] >= 0.90, report.table()
+    assert report.failures() == [], report.table()
     assert report.per_task.keys() == set(qeval.tasks.TASKS)
     assert [b for b, _ in report.budget_curve] == list(qeval.BUDGETS)
     path = qeval.plot(report, tmp_path / "eval.png")

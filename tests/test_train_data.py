@@ -184,3 +184,18 @@ def test_stage_three_asks_in_broader_phrasings(builder, tokenizer) -> None:
     assert not any(c in t for t in texts[2] for c in closings)
     assert sum(any(c in t for c in closings) for t in texts[3]) > 5
     assert all("<|im_start|>assistant" in t for t in texts[3])  # still Thinking Mode Fusion conversations
+
+
+def test_stage_four_offers_the_calculator_more_and_asks_more_widely(builder, tokenizer) -> None:
+    mix = data.DataMix()
+    texts = {stage: [tokenizer.decode(s.ids) for s in data.batch_samples(builder, 0, 5, stage, 30000, mix)]
+             for stage in (3, 4)}  # fmt: skip
+    offered = {stage: sum("<tools>" in t for t in texts[stage]) / len(texts[stage]) for stage in (3, 4)}
+    assert offered[4] > offered[3] + 0.1, offered
+    opening = tasks._WIDE_PREFIXES
+    assert not any(p in t for t in texts[3] for p in opening)
+    assert sum(any(p in t for p in opening) for t in texts[4]) > 5
+    # arithmetic is answered through a call, the rest directly: both kinds of tool conversation occur
+    called = [t for t in texts[4] if "<tool_response>" in t]
+    unused = [t for t in texts[4] if "<tools>" in t and '{"name": "calculator", "arguments"' not in t]
+    assert len(called) > 2 * sum("<tool_response>" in t for t in texts[3]) and unused

@@ -73,21 +73,24 @@ def test_heldout_phrasings_are_never_training_phrasings() -> None:
         tasks.generate(rng, "add", "other")
 
 
-def test_broad_phrasings_widen_training_and_stay_clear_of_heldout() -> None:
+@pytest.mark.parametrize("phrasing", ["broad", "wide"])
+def test_wider_phrasings_widen_training_and_stay_clear_of_heldout(phrasing: str) -> None:
+    openings = tasks._BROAD_PREFIXES + tasks._WIDE_PREFIXES
+
     def skeleton(q: str) -> str:
-        q = re.sub(r"^(" + "|".join(re.escape(p.strip().lower()) for p in tasks._BROAD_PREFIXES) + ")", "", q)
+        q = re.sub(r"^(" + "|".join(re.escape(p.strip().lower()) for p in openings) + ")", "", q)
         return re.sub(r"[\d.,]+|\b[a-z]\b", "", q).strip()
 
     rng = random.Random(4)
     for task in tasks.TASKS:
         train = {tasks.generate(rng, task, "train").question.lower() for _ in range(300)}
-        broad = {tasks.generate(rng, task, "broad").question.lower() for _ in range(600)}
+        wider = {tasks.generate(rng, task, phrasing).question.lower() for _ in range(600)}
         held = {skeleton(tasks.generate(rng, task, "heldout").question.lower()) for _ in range(100)}
-        assert len(broad - train) > 300, task  # new wordings, not the training ones again
-        assert not {skeleton(q) for q in broad} & held, task
+        assert len(wider - train) > 300, task  # new wordings, not the training ones again
+        assert not {skeleton(q) for q in wider} & held, task
         # the same problem whatever the phrasing: the worked solution never depends on it
         a, b = (
             tasks.generate(random.Random(9), task, "train"),
-            tasks.generate(random.Random(9), task, "broad"),
+            tasks.generate(random.Random(9), task, phrasing),
         )
         assert (a.thinking, a.answer, a.result) == (b.thinking, b.answer, b.result), task

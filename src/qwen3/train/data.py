@@ -1,6 +1,6 @@
 """Training data for the tiny Qwen3: its tokenizer, the samples of each stage, and micro-batches.
 
-Three stages, after the Qwen3 report (../shared/spec/hybrid_thinking.md (i)), scaled down:
+Four stages, after the Qwen3 report (../shared/spec/hybrid_thinking.md (i)), scaled down:
 
 1. **Cold start** — plain documents of worked solutions (question, step-by-step solution, answer),
    loss on every token: the model learns the procedures before it learns the chat format.
@@ -13,6 +13,11 @@ Three stages, after the Qwen3 report (../shared/spec/hybrid_thinking.md (i)), sc
 3. **General** — the same conversations with questions in broader phrasings (more templates, openings
    and closings: ``tasks`` ``phrasing="broad"``), standing in for the report's general stage, whose
    aim is following instructions however they are worded.
+4. **Agent** — wider phrasings still (everyday word problems, more synonyms: ``phrasing="wide"``),
+   the calculator offered in a further quarter of the conversations (called for arithmetic, left
+   unused for the rest) and more budget cuts. It stands in for the report's fourth stage, which
+   trains agent and tool-use abilities among others, by supervised replies rather than reinforcement
+   learning.
 
 Every sample is a pure function of a :class:`random.Random`, and a step's batch is a pure function of
 (seed, step): resuming, or splitting a batch over data-parallel ranks, sees the same data.
@@ -335,24 +340,33 @@ class SampleBuilder:
 
 @dataclass
 class DataMix:
-    """How stage 2 is drawn, beyond the shares fixed in :func:`fusion_conversation`."""
+    """How stages 2-4 are drawn, beyond the shares fixed in :func:`fusion_conversation`."""
 
-    budget_cut: float = 0.12  # of thinking replies in stage 2, cut at a random budget
+    budget_cut: float = 0.12  # of thinking replies in stages 2 and 3, cut at a random budget
+    agent_budget_cut: float = 0.3  # the same in stage 4, where the answer after a cut is practised more
+    agent_tools: float = 0.25  # of stage-4 conversations, offered the calculator (on top of stage 2's)
     max_len: int = 1024  # samples longer than this are dropped (none are, at the default task sizes)
 
 
+STAGE_PHRASINGS = {1: "train", 2: "train", 3: "broad", 4: "wide"}  # the templates each stage asks in
+
+
 def stage_samples(builder: SampleBuilder, rng: random.Random, stage: int, mix: DataMix) -> list[Sample]:
-    """The samples made from one problem in ``stage`` (1: cold start, 2: fusion, 3: general)."""
-    problem = tasks.generate(rng, phrasing="broad" if stage == 3 else "train")
+    """The samples made from one problem in ``stage`` (1: cold start, 2: fusion, 3: general, 4: agent)."""
+    problem = tasks.generate(rng, phrasing=STAGE_PHRASINGS[stage])
     if stage == 1:
         return [builder.cold_start(problem)]
-    messages, tools, enable_thinking = fusion_conversation(rng, problem)
+    if stage == 4 and rng.random() < mix.agent_tools:
+        dialog = _tool_dialog if problem.expression is not None else _tool_offered_unused
+        messages, tools, enable_thinking = dialog(rng, problem)
+    else:
+        messages, tools, enable_thinking = fusion_conversation(rng, problem)
     final = messages[-1]
     if (
         final.get("reasoning_content")
         and not final.get("tool_calls")
         and tools is None
-        and rng.random() < mix.budget_cut
+        and rng.random() < (mix.agent_budget_cut if stage == 4 else mix.budget_cut)
     ):
         length = len(builder.tokenizer.encode("\n" + final["reasoning_content"]))
         budget = min(int(rng.expovariate(1 / 40)) + 1, length - 1)

@@ -9,8 +9,9 @@ form (``347 + 589``), so the steps after it never depend on how the user phrased
 Questions come in many phrasings. Each task has templates for training, a disjoint set held out for
 evaluation (``phrasing="heldout"``), so the evaluation measures whether the model copes with phrasings
 it never saw word for word, and a broader set (``phrasing="broad"``: the training templates, more of
-them, more openings and closings) for the last training stage, which teaches the model to look past
-the wording. Generators are pure functions of a :class:`random.Random`, so a seed fixes
+them, more openings and closings) for the third training stage, which teaches the model to look past
+the wording, and a wider one still (``phrasing="wide"``: everyday word problems, more synonyms) for the
+fourth. Generators are pure functions of a :class:`random.Random`, so a seed fixes
 a data set.
 """
 
@@ -73,14 +74,16 @@ _BROAD_SUFFIXES = (
     " Be quick.",
     " Answer please.",
 )
-PHRASINGS = ("train", "heldout", "broad")
+_WIDE_PREFIXES = ("Can you tell me: ", "Please help: ", "Math time! ", "Next: ", "Here is one: ")
+PHRASINGS = ("train", "heldout", "broad", "wide")
 
 
 def _phrase(rng: random.Random, templates: tuple[str, ...], phrasing: str, **values: object) -> str:
     """A template filled in, with an optional polite prefix and light variation in case and ending;
-    ``broad`` phrasing adds more openings and a closing remark."""
+    ``broad`` and ``wide`` phrasings add more openings and a closing remark."""
     text = rng.choice(templates).format(**values)
-    prefix = rng.choice(_PREFIXES + _BROAD_PREFIXES if phrasing == "broad" else _PREFIXES)
+    prefixes = {"broad": _PREFIXES + _BROAD_PREFIXES, "wide": _PREFIXES + _BROAD_PREFIXES + _WIDE_PREFIXES}
+    prefix = rng.choice(prefixes.get(phrasing, _PREFIXES))
     if prefix and prefix.endswith(" ") and not prefix.endswith((": ", "? ", "! ", ". ")):
         text = text[0].lower() + text[1:]
     text = prefix + text
@@ -89,13 +92,17 @@ def _phrase(rng: random.Random, templates: tuple[str, ...], phrasing: str, **val
         text = text.rstrip("?.!")
     elif roll < 0.15:
         text = text.lower()
-    if phrasing == "broad":
+    if phrasing in ("broad", "wide"):
         text += rng.choice(_BROAD_SUFFIXES)
     return text
 
 
 def _templates(
-    train: tuple[str, ...], heldout: tuple[str, ...], broad: tuple[str, ...], phrasing: str
+    train: tuple[str, ...],
+    heldout: tuple[str, ...],
+    broad: tuple[str, ...],
+    wide: tuple[str, ...],
+    phrasing: str,
 ) -> tuple[str, ...]:
     if phrasing == "train":
         return train
@@ -103,6 +110,8 @@ def _templates(
         return heldout
     if phrasing == "broad":
         return train + broad
+    if phrasing == "wide":
+        return train + broad + wide
     raise ValueError(f"phrasing must be one of {PHRASINGS}, not {phrasing!r}")
 
 
@@ -173,13 +182,27 @@ ADD_BROAD = (
     "Determine {a} plus {b}.",
     "What number is {b} more than {a}?",
 )
+ADD_WIDE = (
+    "What is {a} and {b} added together?",
+    "Tom has {a} marbles and finds {b} more. How many marbles does he have now?",
+    "A library owns {a} books and buys {b} new ones. How many books does it own?",
+    "There were {a} people at a concert and {b} more arrived. How many people are there?",
+    "What is {a} increased by {b}?",
+    "Combine {a} and {b}. What is the total?",
+    "{a} plus {b} equals what?",
+    "Please sum up {a} and {b} for me.",
+    "Adding {b} to {a} gives?",
+    "Tell me what {a} plus {b} is.",
+)
 
 
 def addition(rng: random.Random, phrasing: str = "train") -> Problem:
     a, b = _number(rng, rng.randint(2, 4)), _number(rng, rng.randint(2, 4))
     expr = f"{a} + {b}"
     thinking = "\n".join([f"{expr}", *addition_steps(a, b), f"So {expr} = {a + b}."])
-    question = _phrase(rng, _templates(ADD_TRAIN, ADD_HELDOUT, ADD_BROAD, phrasing), phrasing, a=a, b=b)
+    question = _phrase(
+        rng, _templates(ADD_TRAIN, ADD_HELDOUT, ADD_BROAD, ADD_WIDE, phrasing), phrasing, a=a, b=b
+    )
     return Problem("add", question, thinking, f"{expr} = {a + b}.", str(a + b), expr)
 
 
@@ -236,6 +259,18 @@ SUB_BROAD = (
     "I want {a} - {b}.",
     "What number is {b} less than {a}?",
 )
+SUB_WIDE = (
+    "{a} minus {b} equals what?",
+    "Sara had {a} stickers and gave away {b}. How many stickers does she have now?",
+    "A farmer had {a} sheep and sold {b}. How many sheep are left?",
+    "A bus carries {a} people and {b} get off. How many people are still on the bus?",
+    "What is {a} reduced by {b}?",
+    "What is {b} subtracted from {a}?",
+    "Subtracting {b} from {a} gives?",
+    "What remains when you remove {b} from {a}?",
+    "Please take {b} off {a}.",
+    "Tell me what {a} minus {b} is.",
+)
 
 
 def subtraction(rng: random.Random, phrasing: str = "train") -> Problem:
@@ -249,7 +284,9 @@ def subtraction(rng: random.Random, phrasing: str = "train") -> Problem:
     if a < b:
         lines.append(f"{b} - {a} = {b - a}, so the result is {a - b}")
     lines.append(f"So {expr} = {a - b}.")
-    question = _phrase(rng, _templates(SUB_TRAIN, SUB_HELDOUT, SUB_BROAD, phrasing), phrasing, a=a, b=b)
+    question = _phrase(
+        rng, _templates(SUB_TRAIN, SUB_HELDOUT, SUB_BROAD, SUB_WIDE, phrasing), phrasing, a=a, b=b
+    )
     return Problem("sub", question, "\n".join(lines), f"{expr} = {a - b}.", str(a - b), expr)
 
 
@@ -303,6 +340,18 @@ MUL_BROAD = (
     "{a} x {b} = ?",
     "Find the product {a} * {b}.",
 )
+MUL_WIDE = (
+    "{a} multiplied by {b} is what?",
+    "What do you get if you multiply {a} by {b}?",
+    "Each of {b} bags has {a} apples. How many apples are there?",
+    "A class has {b} tables with {a} pencils on each. How many pencils in all?",
+    "A train has {b} cars and each car seats {a} people. How many people can it seat?",
+    "What is {a} multiplied by {b}?",
+    "Multiplying {a} and {b} gives?",
+    "Please multiply {a} and {b}.",
+    "{a} times {b} equals what?",
+    "Tell me what {a} times {b} is.",
+)
 
 
 def multiplication(rng: random.Random, phrasing: str = "train") -> Problem:
@@ -323,7 +372,9 @@ def multiplication(rng: random.Random, phrasing: str = "train") -> Problem:
         lines += [f"{a} * {tens}:", *steps, f"times 10: {p2 * 10}"]
         lines += [f"{p1} + {p2 * 10}", *addition_steps(p1, p2 * 10)]
     lines.append(f"So {expr} = {a * b}.")
-    question = _phrase(rng, _templates(MUL_TRAIN, MUL_HELDOUT, MUL_BROAD, phrasing), phrasing, a=a, b=b)
+    question = _phrase(
+        rng, _templates(MUL_TRAIN, MUL_HELDOUT, MUL_BROAD, MUL_WIDE, phrasing), phrasing, a=a, b=b
+    )
     return Problem("mul", question, "\n".join(lines), f"{expr} = {a * b}.", str(a * b), expr)
 
 
@@ -432,6 +483,16 @@ EXPR_BROAD = (
     "I want {e}.",
     "Careful with precedence: {e} = ?",
 )
+EXPR_WIDE = (
+    "{e} equals what?",
+    "Please evaluate {e} for me.",
+    "Respect operator precedence and compute {e}.",
+    "Remember that * comes before + and -: {e}",
+    "What is the result of {e}?",
+    "Calculate the value of {e}.",
+    "Work out the value: {e}",
+    "Tell me the value of {e}.",
+)
 
 
 def expression(rng: random.Random, phrasing: str = "train") -> Problem:
@@ -443,7 +504,9 @@ def expression(rng: random.Random, phrasing: str = "train") -> Problem:
     steps, value = evaluated
     expr = _format(tokens, parens)
     thinking = "\n".join([expr, *steps, f"So {expr} = {value}."])
-    question = _phrase(rng, _templates(EXPR_TRAIN, EXPR_HELDOUT, EXPR_BROAD, phrasing), phrasing, e=expr)
+    question = _phrase(
+        rng, _templates(EXPR_TRAIN, EXPR_HELDOUT, EXPR_BROAD, EXPR_WIDE, phrasing), phrasing, e=expr
+    )
     return Problem("expr", question, thinking, f"{expr} = {value}.", str(value), expr)
 
 
@@ -506,6 +569,15 @@ COUNT_BROAD = (
     "Count every {l} in {w}.",
     "How many {l} does the word {w} contain?",
 )
+COUNT_WIDE = (
+    "Look at the word {w}. How many {l}'s are in it?",
+    "Count the occurrences of {l} in {w}.",
+    "What number of {l}'s appear in {w}?",
+    "In {w}, count the letter {l}.",
+    "The word is {w}. How many {l}'s?",
+    "Letter {l} in {w}: how many times?",
+    "Tell me how many {l}'s {w} has.",
+)
 
 
 def count_letters(rng: random.Random, phrasing: str = "train") -> Problem:
@@ -528,7 +600,11 @@ def count_letters(rng: random.Random, phrasing: str = "train") -> Problem:
         ]
     )
     question = _phrase(
-        rng, _templates(COUNT_TRAIN, COUNT_HELDOUT, COUNT_BROAD, phrasing), phrasing, l=letter, w=word
+        rng,
+        _templates(COUNT_TRAIN, COUNT_HELDOUT, COUNT_BROAD, COUNT_WIDE, phrasing),
+        phrasing,
+        l=letter,
+        w=word,
     )
     answer = f"The letter {letter} appears {n} times in {word}."
     return Problem("count", question, thinking, answer, str(n))
@@ -598,6 +674,12 @@ LARGER_BROAD = (
     "Which of {x} and {y} has the greater value?",
     "Max of {x} and {y}?",
 )
+LARGER_WIDE = (
+    "Which value is larger: {x} or {y}?",
+    "Tell me which is bigger, {x} or {y}.",
+    "Which is more, {x} or {y}?",
+    "Which one is higher: {x} or {y}?",
+)
 SMALLER_HELDOUT = ("Pick the lesser value: {x} vs {y}.", "{x} or {y}: which one is less?")
 SMALLER_BROAD = (
     "Of {x} and {y}, which is less?",
@@ -606,6 +688,12 @@ SMALLER_BROAD = (
     "Choose the smaller: {x}, {y}.",
     "Which of {x} and {y} has the lower value?",
     "Min of {x} and {y}?",
+)
+SMALLER_WIDE = (
+    "Which value is smaller: {x} or {y}?",
+    "Tell me which is smaller, {x} or {y}.",
+    "Which is less, {x} or {y}?",
+    "Which one is lower: {x} or {y}?",
 )
 
 
@@ -619,10 +707,10 @@ def compare_decimals(rng: random.Random, phrasing: str = "train") -> Problem:
     larger = rng.random() < 0.6
     lines, winner = compare_steps(x, y, larger)
     if larger:
-        templates = _templates(LARGER_TRAIN, LARGER_HELDOUT, LARGER_BROAD, phrasing)
+        templates = _templates(LARGER_TRAIN, LARGER_HELDOUT, LARGER_BROAD, LARGER_WIDE, phrasing)
         answer = f"{winner} is larger than {y if winner == x else x}."
     else:
-        templates = _templates(SMALLER_TRAIN, SMALLER_HELDOUT, SMALLER_BROAD, phrasing)
+        templates = _templates(SMALLER_TRAIN, SMALLER_HELDOUT, SMALLER_BROAD, SMALLER_WIDE, phrasing)
         answer = f"{winner} is smaller than {y if winner == x else x}."
     question = _phrase(rng, templates, phrasing, x=x, y=y)
     return Problem("compare", question, "\n".join(lines), answer, winner)
@@ -656,6 +744,12 @@ SORT_UP_BROAD = (
     "Sort {s}, smallest first.",
     "Arrange these from least to most: {s}.",
 )
+SORT_UP_WIDE = (
+    "Could you put {s} in ascending order?",
+    "Sort these numbers: {s}.",
+    "Write {s} in order from smallest to biggest.",
+    "Order the numbers {s} from lowest to highest.",
+)
 SORT_DOWN_HELDOUT = ("Rank {s} from greatest to least.", "Reverse-sort {s}.")
 SORT_DOWN_BROAD = (
     "Order {s} from high to low.",
@@ -664,6 +758,12 @@ SORT_DOWN_BROAD = (
     "Sort {s}, biggest first.",
     "Arrange these from most to least: {s}.",
     "Sort {s} from big to small.",
+)
+SORT_DOWN_WIDE = (
+    "Could you put {s} in descending order?",
+    "Write {s} in order from biggest to smallest.",
+    "Order the numbers {s} from highest to lowest.",
+    "Sort {s} with the largest first.",
 )
 
 
@@ -686,9 +786,9 @@ def sort_numbers(rng: random.Random, phrasing: str = "train") -> Problem:
     result = ", ".join(map(str, out))
     lines.append(f"Last: {left[0]}. So the sorted list is {result}.")
     if ascending:
-        templates = _templates(SORT_UP_TRAIN, SORT_UP_HELDOUT, SORT_UP_BROAD, phrasing)
+        templates = _templates(SORT_UP_TRAIN, SORT_UP_HELDOUT, SORT_UP_BROAD, SORT_UP_WIDE, phrasing)
     else:
-        templates = _templates(SORT_DOWN_TRAIN, SORT_DOWN_HELDOUT, SORT_DOWN_BROAD, phrasing)
+        templates = _templates(SORT_DOWN_TRAIN, SORT_DOWN_HELDOUT, SORT_DOWN_BROAD, SORT_DOWN_WIDE, phrasing)
     question = _phrase(rng, templates, phrasing, s=listed)
     return Problem("sort", question, "\n".join(lines), f"The sorted list is {result}.", result)
 

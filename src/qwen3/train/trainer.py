@@ -5,8 +5,9 @@ micro-batches of samples of similar length (:mod:`qwen3.train.data`), right-padd
 
 1. trains a byte-level BPE on the corpus (Qwen3's special tokens on top),
 2. stage 1, cold start on worked solutions, for ``stage1_steps`` steps,
-3. stage 2, Thinking Mode Fusion, until ``stage3_from``,
-   then stage 3, the same in broader phrasings (general), until ``steps``,
+3. stage 2, Thinking Mode Fusion, until ``stage3_from``, then stage 3, the same in broader phrasings
+   (general), until ``stage4_from``, then stage 4, wider phrasings and more tool use (agent), until
+   ``steps``,
 4. writes config.json, model.safetensors, the tokenizer with the official chat template and
    generation_config.json — a folder ``qwen3.load_model`` and transformers both load.
 
@@ -49,12 +50,15 @@ class TrainConfig:
     """Everything that determines a run. Saved with every checkpoint; a resumed run must match it."""
 
     seed: int = field(default=0, metadata={"help": "weights, tokenizer and data all follow from it"})
-    steps: int = field(default=3700, metadata={"help": "optimizer steps in all"})
+    steps: int = field(default=4700, metadata={"help": "optimizer steps in all"})
     stage1_steps: int = field(
         default=250, metadata={"help": "of those, cold-start steps on worked solutions"}
     )
     stage3_from: int = field(
         default=2000, metadata={"help": "first step of stage 3, Thinking Mode Fusion in broader phrasings"}
+    )
+    stage4_from: int = field(
+        default=3700, metadata={"help": "first step of stage 4, wider phrasings and more tool dialogs"}
     )
     tokens_per_step: int = field(default=8192, metadata={"help": "global batch, in tokens"})
     micro_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per forward pass"})
@@ -202,6 +206,8 @@ class Trainer:
     def stage(self, step: int) -> int:
         if step < self.config.stage1_steps:
             return 1
+        if step >= self.config.stage4_from:
+            return 4
         return 3 if step >= self.config.stage3_from else 2
 
     def batch(self, step: int) -> tuple[list[data.Batch], int, int]:
@@ -371,11 +377,15 @@ def history_plot(history: list[dict[str, Any]], path: str | os.PathLike) -> Path
     steps = [h["step"] for h in history]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [h["loss"] for h in history], lw=1)
-    labels = {2: "stage 2: Thinking Mode Fusion", 3: "stage 3: general (broader phrasings)"}
-    for stage, label in labels.items():
+    labels = {
+        2: ("stage 2: Thinking Mode Fusion", "--"),
+        3: ("stage 3: general (broader phrasings)", ":"),
+        4: ("stage 4: agent (wider phrasings, tools)", "-."),
+    }
+    for stage, (label, style) in labels.items():
         boundary = next((h["step"] for h in history if h["stage"] == stage), None)
         if boundary is not None:
-            ax.axvline(boundary, color="grey", ls="--" if stage == 2 else ":", lw=1, label=label)
+            ax.axvline(boundary, color="grey", ls=style, lw=1, label=label)
     if any(h["stage"] > 1 for h in history):
         ax.legend()
     ax.set_yscale("log")
