@@ -76,14 +76,19 @@ _BROAD_SUFFIXES = (
 )
 _WIDE_PREFIXES = ("Can you tell me: ", "Please help: ", "Math time! ", "Next: ", "Here is one: ")
 PHRASINGS = ("train", "heldout", "broad", "wide")
+_OPENINGS = {  # the prefixes each phrasing draws from
+    "train": _PREFIXES,
+    "heldout": _PREFIXES,
+    "broad": _PREFIXES + _BROAD_PREFIXES,
+    "wide": _PREFIXES + _BROAD_PREFIXES + _WIDE_PREFIXES,
+}
 
 
 def _phrase(rng: random.Random, templates: tuple[str, ...], phrasing: str, **values: object) -> str:
     """A template filled in, with an optional polite prefix and light variation in case and ending;
     ``broad`` and ``wide`` phrasings add more openings and a closing remark."""
     text = rng.choice(templates).format(**values)
-    prefixes = {"broad": _PREFIXES + _BROAD_PREFIXES, "wide": _PREFIXES + _BROAD_PREFIXES + _WIDE_PREFIXES}
-    prefix = rng.choice(prefixes.get(phrasing, _PREFIXES))
+    prefix = rng.choice(_OPENINGS.get(phrasing, _PREFIXES))
     if prefix and prefix.endswith(" ") and not prefix.endswith((": ", "? ", "! ", ". ")):
         text = text[0].lower() + text[1:]
     text = prefix + text
