@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from qwen3.engine.block_manager import BlockManager
+import hashlib
+import struct
+
+from qwen3.engine.block_manager import BlockManager, chain_hash
 from qwen3.engine.sequence import Sequence
 from qwen3.sampling import SamplingParams
 
 
 def seq(tokens: list[int], name: str = "s") -> Sequence:
-    return Sequence(name, tokens, SamplingParams())
+    return Sequence(name, list(tokens), len(tokens), SamplingParams())
 
 
 def run_prefill(bm: BlockManager, s: Sequence) -> None:
@@ -66,3 +69,36 @@ def test_different_prefixes_do_not_collide():
     b = seq([1, 2, 4, 3, 5], "b")
     bm.match_prefix(b)
     assert b.num_computed == 2
+
+
+def test_keys_are_sha256_of_the_whole_chain():
+    first = chain_hash(None, [1, 2])
+    assert first == hashlib.sha256(b"\0" * 32 + struct.pack("<2q", 1, 2)).digest()
+    second = chain_hash(first, [3, 4])
+    assert second == hashlib.sha256(first + struct.pack("<2q", 3, 4)).digest()
+    # The same block after a different prefix has a different key: no request is served another's KV.
+    assert chain_hash(chain_hash(None, [9, 9]), [3, 4]) != second
+    bm = BlockManager(num_blocks=10, block_size=2)
+    a = seq([1, 2, 3, 4, 5], "a")
+    run_prefill(bm, a)
+    assert set(bm.cached) == {first, second}
+
+
+def test_same_last_block_after_another_prefix_is_a_miss():
+    bm = BlockManager(num_blocks=10, block_size=2)
+    run_prefill(bm, seq([1, 2, 3, 4, 5], "a"))
+    b = seq([7, 8, 3, 4, 5], "b")  # block [3, 4] is cached, but after [1, 2]
+    bm.match_prefix(b)
+    assert b.num_computed == 0 and b.block_table == []
+
+
+def test_block_keys_survive_preemption_and_are_not_recomputed():
+    bm = BlockManager(num_blocks=10, block_size=2)
+    a = seq([1, 2, 3, 4, 5, 6, 7], "a")
+    run_prefill(bm, a)
+    keys = list(a.block_hashes)
+    assert len(keys) == 3
+    bm.release(a)  # what preemption does
+    assert a.block_hashes == keys and a.num_computed == 0
+    bm.match_prefix(a)
+    assert a.num_computed == 6 and a.block_hashes == keys

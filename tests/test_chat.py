@@ -321,7 +321,8 @@ WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pari
 TIME_CALL = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
 
 # (text, reasoning_started, reasoning, content, [(name, arguments)])
-PARSE_CASES: list[tuple[str, bool, str | None, str, list[tuple[str, str]]]] = [
+CUT_WEATHER_CALL = WEATHER_CALL.removesuffix("</tool_call>")  # max_tokens ended it before the closing tag
+PARSE_CASES: list[tuple[str, bool | None, str | None, str, list[tuple[str, str]]]] = [
     ("Hello!", False, None, "Hello!", []),
     ("", False, None, "", []),
     ("  \n", False, None, "  \n", []),
@@ -420,6 +421,59 @@ PARSE_CASES: list[tuple[str, bool, str | None, str, list[tuple[str, str]]]] = [
     ("<think>\n```\n</think>\n\n" + TIME_CALL, False, "```", "", [("get_time", "{}")]),
     ("a < b and c <tool d", False, None, "a < b and c <tool d", []),
     ("``\n`", False, None, "``\n`", []),
+    # The prompt opened <think> and nobody said so: a </think> with no <think> before it ends reasoning.
+    ("I think so\n</think>\n\nYes.", None, "I think so", "Yes.", []),
+    ("\n</think>\n\n" + TIME_CALL, None, "", "", [("get_time", "{}")]),
+    ("Plain answer.", None, None, "Plain answer.", []),
+    ("Answer <think>x</think> y", None, None, "Answer <think>x</think> y", []),
+    ("I think so\n</think>\n\nYes.", False, None, "I think so\n</think>\n\nYes.", []),  # said: not opened
+    # A call cut by max_tokens whose JSON is complete is a call; an incomplete one stays text.
+    (CUT_WEATHER_CALL, False, None, "", [("get_weather", '{"city": "Paris"}')]),
+    (
+        "<think>\nok\n</think>\n\nSure. " + CUT_WEATHER_CALL,
+        False,
+        "ok",
+        "Sure.",
+        [("get_weather", '{"city": "Paris"}')],
+    ),
+    (CUT_WEATHER_CALL[:-3], False, None, CUT_WEATHER_CALL[:-3], []),
+    # A call written inside thinking that never closes is a call, the text around it reasoning.
+    (
+        "<think>\nI will check.\n" + WEATHER_CALL,
+        False,
+        "I will check.",
+        "",
+        [("get_weather", '{"city": "Paris"}')],
+    ),
+    (
+        "Let me check " + WEATHER_CALL + "\n",
+        True,
+        "Let me check ",
+        "",
+        [("get_weather", '{"city": "Paris"}')],
+    ),
+    (
+        "<think>\n" + WEATHER_CALL + "\nthen " + CUT_WEATHER_CALL.replace("Paris", "Rome"),
+        False,
+        "then ",
+        "",
+        [("get_weather", '{"city": "Paris"}'), ("get_weather", '{"city": "Rome"}')],
+    ),  # fmt: skip
+    (
+        "<think>\nmention <tool_call>not json</tool_call> only",
+        False,
+        "mention <tool_call>not json</tool_call> only",
+        "",
+        [],
+    ),
+    # ...but inside thinking that closes, call text is reasoning.
+    (
+        "<think>\nmaybe " + WEATHER_CALL + "\n</think>\n\nNo call.",
+        False,
+        "maybe " + WEATHER_CALL,
+        "No call.",
+        [],
+    ),
 ]
 PARSE_IDS = [f"parse{i}" for i in range(len(PARSE_CASES))]
 
@@ -459,7 +513,7 @@ def _collect(deltas: list[Delta]) -> tuple[str, str, list[tuple[int | None, str 
 
 
 def _stream(
-    chunks: list[str], started: bool
+    chunks: list[str], started: bool | None
 ) -> tuple[str, str, list[tuple[int | None, str | None, str | None]]]:
     parser = StreamingOutputParser(reasoning_started=started)
     deltas: list[Delta] = []
@@ -468,7 +522,9 @@ def _stream(
     return _collect(deltas + parser.finish())
 
 
-def _expected(text: str, started: bool) -> tuple[str, str, list[tuple[int | None, str | None, str | None]]]:
+def _expected(
+    text: str, started: bool | None
+) -> tuple[str, str, list[tuple[int | None, str | None, str | None]]]:
     reasoning, content, calls = parse_output(text, reasoning_started=started)
     return reasoning or "", content, [(i, t.name, t.arguments) for i, t in enumerate(calls)]
 
@@ -482,11 +538,15 @@ EXTRA_STREAM_TEXTS = [
     "x\n```\n   ``\n`` ```\n" + TIME_CALL + "\n```\n" + TIME_CALL + " tail \n",
     "line\n\t```\n" + TIME_CALL + "\n\t```\n\n \n" + TIME_CALL + "\n\n",
     "<think>\n思考中……🤔\n</think>\n\n答案是 4。\n\n" + WEATHER_CALL.replace("Paris", "巴黎"),
+    "<think>\n\n" + TIME_CALL + "\n\nmore\n" + CUT_WEATHER_CALL,
+    "<think>\nx <tool_c" + "</think>\n\ny",
+    "pre\n</think>\n\n<think>post",
+    "<think>\n" + TIME_CALL + "\n</think>\n\n" + CUT_WEATHER_CALL,
 ]
 
 
-@pytest.mark.parametrize("started", [False, True])
-def test_streaming_parser_equals_parse_output_at_every_split(started: bool) -> None:
+@pytest.mark.parametrize("started", [False, True, None])
+def test_streaming_parser_equals_parse_output_at_every_split(started: bool | None) -> None:
     texts = [case[0] for case in PARSE_CASES] + EXTRA_STREAM_TEXTS
     for text in texts:
         expected = _expected(text, started)
@@ -521,7 +581,7 @@ def test_streaming_parser_random_chunkings() -> None:
     ]
     for _ in range(400):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
-        started = rng.random() < 0.3
+        started = rng.choice([False, False, True, None])
         cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 6))))
         chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
         assert _stream(chunks, started) == _expected(text, started), (text, cuts, started)

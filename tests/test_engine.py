@@ -136,7 +136,7 @@ def test_stop_token_ids_and_eos(llm):
     out = llm.generate(PROMPTS[2], GREEDY.replace(stop_token_ids=[target]))[0]
     assert out.token_ids == full.token_ids[: full.token_ids.index(target) + 1]
     assert out.finish_reason == "stop" and out.outputs[0].stop_reason == target
-    assert llm.engine.eos_token_ids >= {151645, 151643}
+    assert llm.engine.config.eos_token_ids >= {151645, 151643}
 
 
 def test_max_model_len_stops_with_length(tiny_checkpoint):

@@ -125,12 +125,21 @@ def test_other_activation_dtypes(mode: str) -> None:
     _assert_close(y, _reference(x, w))
 
 
-def test_non_bf16_weight_falls_back() -> None:
-    w = torch.randn(32, 64)
+def test_fp32_weights_and_other_dtypes(mode: str) -> None:
+    """fp32 weights run on the kernel too (FMA path); fp16 weights fall back to F.linear."""
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(40, 72, generator=g)
     packed = kernels.pack_linear_weight(w)
-    assert packed.data is None and packed.weight is w
-    x = torch.randn(2, 64)
-    torch.testing.assert_close(kernels.packed_linear(x, packed), F.linear(x, w))
+    assert (packed.data is not None) == (mode == "kernel" and kernels.kernels_available())
+    x = torch.randn(5, 72, generator=g)
+    y = kernels.packed_linear(x, packed)
+    assert y.dtype == torch.float32
+    assert (y.double() - _reference(x, w)).abs().max().item() < 1e-4
+    half = torch.randn(32, 64, generator=g).half()
+    fallback = kernels.pack_linear_weight(half)
+    assert fallback.data is None and fallback.weight is half
+    xh = torch.randn(2, 64, generator=g).half()
+    torch.testing.assert_close(kernels.packed_linear(xh, fallback), F.linear(xh, half))
 
 
 @pytest.mark.parametrize("m", [1, 3, 8])
@@ -149,25 +158,38 @@ def test_gate_up_silu(mode: str, m: int) -> None:
         kernels.packed_linear(x, packed)
 
 
-def test_linear_dispatch(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_linear_dispatch(mode: str) -> None:
+    """``linear`` takes the kernel for every row count when the weight is packed, F.linear otherwise."""
     g = torch.Generator().manual_seed(5)
     w = torch.randn(48, 64, generator=g).bfloat16()
     bias = torch.randn(48, generator=g).bfloat16()
     packed = kernels.pack_linear_weight(w)
-    monkeypatch.setenv(kernels.ROW_LIMIT_ENV, "8")
-    monkeypatch.delitem(kernels._state, "row_limit", raising=False)  # the limit is cached per process
-    assert kernels.kernel_row_limit() == (8 if mode == "kernel" and kernels.kernels_available() else 0)
-    for m in (1, 8, 9, 40):
+    for m in (1, 8, 9, 40, 300):
         x = torch.randn(m, 64, generator=g).bfloat16()
-        _assert_close(kernels.linear(x, w, packed, bias), _reference(x, w, bias))
-    x = torch.randn(40, 64, generator=g).bfloat16()  # more rows than the limit: exactly F.linear
-    torch.testing.assert_close(kernels.linear(x, w, packed, bias), F.linear(x, w, bias), rtol=0, atol=0)
+        y = kernels.linear(x, w, packed, bias)
+        _assert_close(y, _reference(x, w, bias))
+        if packed.data is not None:
+            torch.testing.assert_close(y, kernels.packed_linear(x, packed, bias), rtol=0, atol=0)
     x = torch.randn(2, 64, generator=g).bfloat16()
     _assert_close(kernels.linear(x, w, None, bias), _reference(x, w, bias))
-    monkeypatch.delenv(kernels.ROW_LIMIT_ENV)
-    kernels._state.pop("row_limit", None)
-    if mode == "kernel" and kernels.kernels_available():
-        assert kernels.kernel_row_limit() >= 8
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rows_are_batch_invariant(dtype: torch.dtype) -> None:
+    """A row's output is the same bits whatever else is in the call: alone, at any position of any M."""
+    _needs_kernels()
+    g = torch.Generator().manual_seed(11)
+    for n, k in [(37, 70), (100, 256), (200, 1024)]:
+        w = torch.randn(n, k, generator=g).to(dtype)
+        bias = torch.randn(n, generator=g).to(dtype)
+        packed = kernels.pack_linear_weight(w)
+        gate_up = kernels.pack_gate_up_weight(w, torch.randn(n, k, generator=g).to(dtype))
+        x = torch.randn(41, k, generator=g).to(dtype)
+        full = kernels.packed_linear(x, packed, bias)
+        full_gu = kernels.packed_gate_up_silu(x, gate_up)
+        for lo, hi in [(0, 1), (7, 8), (40, 41), (3, 10), (5, 41), (0, 17)]:
+            assert torch.equal(kernels.packed_linear(x[lo:hi], packed, bias), full[lo:hi]), (n, k, lo, hi)
+            assert torch.equal(kernels.packed_gate_up_silu(x[lo:hi], gate_up), full_gu[lo:hi]), (n, k, lo, hi)
 
 
 def test_wrong_feature_count_raises(mode: str) -> None:
@@ -234,7 +256,10 @@ def test_model_with_packed_weights_tracks_the_torch_path(tmp_path) -> None:
     assert (a - b).abs().max().item() < 0.05 * a.abs().max().item()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.9
     fp32 = load_model(folder, progress=False)
-    assert not fp32.use_cpu_kernels()  # only bf16 weights are packed
+    assert fp32.use_cpu_kernels() == kernels.kernels_available()  # fp32 runs on the kernels too
+    with torch.no_grad():
+        assert (fp32(ids) - load_model(folder, progress=False)(ids)).abs().max().item() < 1e-4
+    assert not load_model(folder, dtype="float16", progress=False).use_cpu_kernels()
 
 
 def _needs_kernels() -> None:
@@ -323,28 +348,32 @@ def test_fused_norm_and_rope_match_the_torch_path() -> None:
     close(fused_k, ref_k)
 
 
-def test_engine_kernel_attention_tracks_the_torch_path(tiny_checkpoint) -> None:
-    """A bf16 engine step (decodes and a prompt chunk together) gives the logits of torch's paged path."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_engine_kernel_attention_tracks_the_torch_path(tiny_checkpoint, dtype: str) -> None:
+    """An engine step (decodes and a prompt chunk together) gives the same logits on the two backends."""
     _needs_kernels()
     from qwen3.llm import LLM
     from qwen3.sampling import SamplingParams
 
-    llm = LLM(
-        str(tiny_checkpoint), dtype="bfloat16", max_model_len=256, kv_cache_memory="8MiB", progress=False
-    )
-    engine, cache = llm.engine, llm.engine.runner.cache
-    assert cache.use_kernel
+    def llm(backend: str) -> LLM:
+        return LLM(str(tiny_checkpoint), dtype=dtype, max_model_len=256, kv_cache_memory="8MiB",
+                   attention_backend=backend, progress=False)  # fmt: skip
+
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    g = torch.Generator().manual_seed(3)
-    for i, length in enumerate([5, 40, 17]):
-        if i:
-            engine.step()
-        engine.add_request(f"r{i}", torch.randint(0, 150000, (length,), generator=g).tolist(), params)
-    scheduled = engine.scheduler.schedule()
-    assert {n for _, n in scheduled} != {1}, "the step should mix decodes and a prompt chunk"
-    _, with_kernel = engine.runner.run(scheduled)
-    cache.use_kernel = False
-    _, with_torch = engine.runner.run(scheduled)  # rewrites the same keys and values
-    err = (with_kernel - with_torch).abs().max().item()
-    assert err < 0.05 * with_torch.abs().max().item()
-    assert torch.equal(with_kernel.argmax(-1), with_torch.argmax(-1))
+    logits = {}
+    for backend in ("kernel", "torch"):
+        engine = llm(backend).engine
+        g = torch.Generator().manual_seed(3)
+        for i, length in enumerate([5, 40, 17]):
+            if i:
+                engine.step()
+            engine.add_request(f"r{i}", torch.randint(0, 150000, (length,), generator=g).tolist(), params)
+        scheduled = engine.scheduler.schedule().scheduled
+        assert {n for _, n in scheduled} != {1}, "the step should mix decodes and a prompt chunk"
+        seqs, logits[backend] = engine.runner.run(scheduled)
+        order = {s.request_id: i for i, s in enumerate(seqs)}
+        logits[backend] = logits[backend][[order[f"r{i}"] for i in range(3) if f"r{i}" in order]]
+    kernel, torch_ = logits["kernel"].float(), logits["torch"].float()
+    err = (kernel - torch_).abs().max().item()
+    assert err < (0.05 if dtype == "bfloat16" else 1e-4) * torch_.abs().max().item()
+    assert torch.equal(kernel.argmax(-1), torch_.argmax(-1))

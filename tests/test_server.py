@@ -61,9 +61,7 @@ def forced_think(template: str) -> str:
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    llm = LLM(
-        str(tiny_checkpoint), max_model_len=4096, kv_cache_memory="16MiB", max_num_seqs=64, progress=False
-    )
+    llm = LLM(str(tiny_checkpoint), kv_cache_memory="16MiB", max_num_seqs=64, progress=False)
     config = ServerConfig(
         ["tiny", "tiny-alias"], api_key=API_KEY, chat_template=forced_think(llm.tokenizer.chat_template)
     )
@@ -124,7 +122,7 @@ def test_thinking_budget_is_honoured_and_fields_match_offline(server, client):
     assert message.reasoning_content == offline.reasoning and message.content == offline.content
     assert message.reasoning_content.endswith(STOP_THINKING)  # the budget closed the thinking...
     assert message.content  # ...and the model answered after it
-    inserted = len(server.llm.engine.stop_thinking_ids)
+    inserted = len(server.llm.engine.config.thinking.stop_thinking_ids)
     reasoning_tokens = response.usage.completion_tokens_details.reasoning_tokens
     assert budget < reasoning_tokens <= budget + inserted
     assert response.usage.completion_tokens == 48 and response.choices[0].finish_reason == "length"
@@ -331,6 +329,7 @@ class ScriptedSampler:
     """Stands in for the sampler so the random model 'writes' a calculator call, then an answer."""
 
     def __init__(self, llm: LLM) -> None:
+        self.engine = llm.engine
         encode = llm.tokenizer.encode
         end = llm.tokenizer.token_to_id("<|im_end|>")
         call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "347 * 589"}}\n</tool_call>'
@@ -338,12 +337,13 @@ class ScriptedSampler:
         self.answer = encode("347 * 589 = 204383") + [end]
         self.tool_response = llm.tokenizer.token_to_id("<tool_response>")
 
-    def __call__(self, logits, rows) -> SampleResult:
+    def __call__(self, logits, batch) -> SampleResult:
         tokens = []
-        for row in rows:
-            script = self.answer if self.tool_response in row.prompt_token_ids else self.call
-            tokens.append(script[min(len(row.output_token_ids), len(script) - 1)])
-        return SampleResult(tokens, [None] * len(rows))
+        for request_id in batch.request_ids:
+            seq = self.engine.requests[request_id]
+            script = self.answer if self.tool_response in seq.prompt_token_ids else self.call
+            tokens.append(script[min(seq.num_output_tokens, len(script) - 1)])
+        return SampleResult(tokens, [None] * len(tokens))
 
 
 def test_tool_call_round_trip_with_scripted_sampling(server, client, monkeypatch):
@@ -448,7 +448,7 @@ def test_invalid_json_unknown_model_and_api_key(server, client):
 
 def test_streaming_client_disconnect_aborts_and_frees_blocks(server):
     before = aborted(server)
-    body = {"model": "tiny", "messages": HI, "stream": True, "max_tokens": 3000, "ignore_eos": True}
+    body = {"model": "tiny", "messages": HI, "stream": True, "max_tokens": 480, "ignore_eos": True}
     url = server.base_url + "/chat/completions"
     with httpx.Client(timeout=30) as http, http.stream("POST", url, json=body, headers=AUTH) as response:
         lines = response.iter_lines()
@@ -461,7 +461,7 @@ def test_streaming_client_disconnect_aborts_and_frees_blocks(server):
 
 def test_non_streaming_client_disconnect_aborts_too(server):
     before = aborted(server)
-    body = {"model": "tiny", "messages": HI, "max_tokens": 3000, "ignore_eos": True}
+    body = {"model": "tiny", "messages": HI, "max_tokens": 480, "ignore_eos": True}
     with httpx.Client(timeout=httpx.Timeout(30, read=0.5)) as http, pytest.raises(httpx.ReadTimeout):
         http.post(server.base_url + "/chat/completions", json=body, headers=AUTH)
     assert server.wait_idle(timeout=5) < 3
@@ -561,7 +561,7 @@ def test_serve_command_queue_limit_and_graceful_sigterm(tiny_checkpoint):
     command = [
         sys.executable, "-m", "qwen3.cli", "serve", "--model", str(tiny_checkpoint), "--port", str(port),
         "--max-num-seqs", "1", "--max-queue", "1", "--api-key", API_KEY, "--served-model-name", "tiny",
-        "--max-model-len", "2048", "--kv-cache-memory", "16MiB",
+        "--max-model-len", "512", "--kv-cache-memory", "16MiB",
     ]  # fmt: skip
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -170,7 +170,7 @@ def test_answer_prefix_forces_the_answer_offline(tiny_checkpoint):
     )
     out = llm.chat(messages, params, thinking_budget=3, answer_prefix=prefix)
     assert out.reasoning.endswith("directly now.") and out.content.startswith(prefix)
-    stop = llm.engine.stop_thinking_ids
+    stop = llm.engine.config.thinking.stop_thinking_ids
     assert out.token_ids[3 : 3 + len(stop)] == stop
     assert (
         out.token_ids[3 + len(stop) : 3 + len(stop) + len(thinking.answer_prefix_ids)]

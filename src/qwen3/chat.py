@@ -181,6 +181,18 @@ def render(
     return text
 
 
+def reasoning_opened(prompt: str) -> bool:
+    """Whether ``prompt`` leaves a ``<think>`` open for the model to continue: the last ``<think>`` of the
+    turn being generated (after the last ``<|im_start|>``) has no ``</think>`` after it.
+
+    True for the Thinking-2507 template, for a forced ``<think>\n`` (even with text after it), and for any
+    custom template that opens the reasoning itself; False for the hybrid template in either mode (thinking:
+    the model writes ``<think>``; non-thinking: the empty block is closed).
+    """
+    opened = prompt.rfind(THINK_OPEN)
+    return opened > prompt.rfind(THINK_CLOSE) and opened > prompt.rfind("<|im_start|>")
+
+
 def soft_switch(messages: Sequence[Mapping[str, Any]]) -> bool | None:
     """The mode Qwen3's soft switches ask for: True after ``/think``, False after ``/no_think``, else None.
 
@@ -260,7 +272,8 @@ _FENCE_OR_CALL_RE = re.compile(f"{_FENCE}|{re.escape(CALL_OPEN)}", re.M)
 
 def _split_answer(answer: str) -> tuple[str, list[ToolCall]]:
     """Take the tool calls out of the answer text. Text before a call loses its trailing whitespace, and so
-    does the end of the content when there were calls; a malformed or unclosed call stays, verbatim."""
+    does the end of the content when there were calls; a malformed call stays, verbatim. An unclosed call
+    at the end (cut by max_tokens) is a call if its JSON is complete, else it stays too."""
     content: list[str] = []
     calls: list[ToolCall] = []
     pos = start = 0  # pos: scan position; start: first character not yet put in `content`
@@ -271,7 +284,10 @@ def _split_answer(answer: str) -> tuple[str, list[ToolCall]]:
             continue
         end = answer.find(CALL_CLOSE, m.end())
         if end < 0:
-            logger.warning("unclosed tool call kept as content: %.200r", answer[m.start() :])
+            if call := _parse_unclosed_call(answer[m.end() :]):
+                content.append(answer[start : m.start()].rstrip())
+                calls.append(call)
+                start = len(answer)
             break
         pos = end + len(CALL_CLOSE)
         if call := _parse_tool_call(answer[m.end() : end]):
@@ -283,25 +299,75 @@ def _split_answer(answer: str) -> tuple[str, list[ToolCall]]:
     return "".join(content), calls
 
 
-def parse_output(text: str, reasoning_started: bool = False) -> ParsedOutput:
+def _parse_unclosed_call(body: str) -> ToolCall | None:
+    """A ``<tool_call>`` that never closed (generation ended inside it): a call if its JSON is complete."""
+    try:
+        json.loads(body)
+    except ValueError:
+        logger.warning("unclosed tool call kept as text: %.200r", CALL_OPEN + body)
+        return None
+    return _parse_tool_call(body)
+
+
+def _split_open_reasoning(body: str) -> tuple[str, list[ToolCall]]:
+    """Reasoning that never closed: the tool calls written in it are calls (the model forgot ``</think>``);
+    the text around them stays reasoning. No code-fence rule here: inside thinking, a call is a call."""
+    text: list[str] = []
+    calls: list[ToolCall] = []
+    pos = 0
+    while (i := body.find(CALL_OPEN, pos)) >= 0:
+        end = body.find(CALL_CLOSE, i + len(CALL_OPEN))
+        inner = body[i + len(CALL_OPEN) : end if end >= 0 else len(body)]
+        call = _parse_tool_call(inner) if end >= 0 else _parse_unclosed_call(inner)
+        after = len(body) if end < 0 else end + len(CALL_CLOSE)
+        if call is not None:
+            text.append(body[pos:i])
+            calls.append(call)
+        else:
+            text.append(body[pos:after])
+        pos = after
+    text.append(body[pos:])
+    return "".join(text), calls
+
+
+def _closes_unopened(text: str) -> bool:
+    """A ``</think>`` comes before any ``<think>``: the prompt must have opened the reasoning."""
+    close = text.find(THINK_CLOSE)
+    return close >= 0 and THINK_OPEN not in text[:close]
+
+
+def parse_output(text: str, reasoning_started: bool | None = None) -> ParsedOutput:
     """Split generated text into (reasoning, content, tool_calls).
 
-    The text is an optional ``<think>\\n...\\n</think>\\n\\n`` block, then the answer. Only a ``<think>`` at
-    the very start (after whitespace) opens reasoning; ``reasoning_started=True`` means the prompt already
-    opened it (Qwen3 Thinking-2507, or forced thinking). Reasoning that never closes (budget or length cut)
-    is all reasoning. Newlines around the reasoning and after ``</think>`` are dropped, as the chat template
-    drops them. Tool calls inside a ``` code block are content. Malformed calls stay in the content,
-    with a warning; nothing here raises.
+    The text is an optional ``<think>\n...\n</think>\n\n`` block, then the answer. Where the reasoning
+    starts depends on what the prompt did, ``reasoning_started``:
+
+    - True: the prompt opened ``<think>`` (Qwen3 Thinking-2507, forced thinking): the text is reasoning up
+      to ``</think>``;
+    - False: it did not: only a ``<think>`` at the very start (after whitespace) opens reasoning;
+    - None (not known): as False, except that a ``</think>`` with no ``<think>`` before it means the prompt
+      opened it, so the text before it is reasoning (a stray ``</think>`` is content with False).
+
+    Reasoning that never closes (budget or length cut) is all reasoning, except for tool calls written in
+    it, which are calls. Newlines around the reasoning and after ``</think>`` are dropped, as the chat
+    template drops them. Tool calls inside a ``` code block are content. A call cut before
+    ``</tool_call>`` whose JSON is complete is a call. Malformed calls stay in the content, with a
+    warning; nothing here raises.
     """
-    reasoning = None
-    answer = text
     stripped = text.lstrip()
     if reasoning_started or stripped.startswith(THINK_OPEN):
         body = text if reasoning_started else stripped[len(THINK_OPEN) :]
-        head, _, answer = body.partition(THINK_CLOSE)
-        reasoning, answer = head.strip("\n"), answer.lstrip("\n")
-    content, calls = _split_answer(answer)
-    return ParsedOutput(reasoning, content, calls)
+    elif reasoning_started is None and _closes_unopened(text):
+        body = text
+    else:
+        content, calls = _split_answer(text)
+        return ParsedOutput(None, content, calls)
+    head, closed, answer = body.partition(THINK_CLOSE)
+    if not closed:
+        reasoning, calls = _split_open_reasoning(head)
+        return ParsedOutput(reasoning.strip("\n"), "", calls)
+    content, calls = _split_answer(answer.lstrip("\n"))
+    return ParsedOutput(head.strip("\n"), content, calls)
 
 
 def _partial_suffix(text: str, tag: str) -> int:
@@ -322,15 +388,22 @@ class StreamingOutputParser:
     newline before ``</think>``, whitespace before a possible ``<tool_call>``, a half-written code fence) is
     held back until it is decided, so for any split of a text the deltas of each kind concatenate to what
     :func:`parse_output` returns for the whole. A tool call is emitted as one delta when its
-    ``</tool_call>`` arrives (the way vLLM's hermes parser ends up).
+    ``</tool_call>`` arrives (the way vLLM's hermes parser ends up). Two things can only be decided late,
+    and are held until they are: a ``<tool_call>`` inside unclosed reasoning (reasoning text if
+    ``</think>`` follows, a call if the text ends first), and, with ``reasoning_started=None``, text that
+    does not start with ``<think>`` (reasoning if a ``</think>`` follows, else content) — front ends
+    know from the prompt and pass True or False, so their streams are not held.
     """
 
-    def __init__(self, reasoning_started: bool = False) -> None:
-        self._state: Literal["start", "reasoning", "after_think", "answer", "tool_call"] = (
+    def __init__(self, reasoning_started: bool | None = None) -> None:
+        self._state: Literal["start", "undecided", "reasoning", "after_think", "answer", "tool_call"] = (
             "reasoning" if reasoning_started else "start"
         )
+        self._unknown = reasoning_started is None
         self._buf = ""  # received, not yet decided
         self._reasoning_lead = True  # still dropping newlines that open the reasoning
+        self._reasoning_emitted = False
+        self._held_call = False  # the buffer holds a <tool_call> written inside unclosed reasoning
         self._ws = ""  # content whitespace held back: dropped if a tool call follows
         self._line_start = True  # the answer text before `_buf` ends a line (or is empty)
         self._in_fence = False
@@ -361,6 +434,18 @@ class StreamingOutputParser:
         else:
             self._ws += text
 
+    def _reasoning(self, text: str) -> None:
+        if text:
+            self._out.append(Delta("reasoning", text))
+            self._reasoning_emitted = True
+
+    def _call(self, call: ToolCall) -> None:
+        self._ws = ""
+        self._out.append(
+            Delta("tool_call", index=self._calls, id=call.id, name=call.name, arguments=call.arguments)
+        )
+        self._calls += 1
+
     def _run(self, final: bool) -> None:
         while True:
             state, buf = self._state, self._buf
@@ -369,6 +454,15 @@ class StreamingOutputParser:
                 if stripped.startswith(THINK_OPEN):
                     self._state, self._buf = "reasoning", stripped[len(THINK_OPEN) :]
                 elif final or (stripped and not THINK_OPEN.startswith(stripped)):
+                    self._state = "undecided" if self._unknown else "answer"
+                else:
+                    return
+            elif state == "undecided":  # no <think> first, the prompt's state unknown: wait for a tag
+                close, opened = buf.find(THINK_CLOSE), buf.find(THINK_OPEN)
+                if close >= 0 and not 0 <= opened < close:  # the prompt opened the reasoning
+                    self._reasoning(buf[:close].strip("\n"))
+                    self._state, self._buf = "after_think", buf[close + len(THINK_CLOSE) :]
+                elif opened >= 0 or final:  # a <think> mid-text, or the end: it was all answer
                     self._state = "answer"
                 else:
                     return
@@ -377,15 +471,34 @@ class StreamingOutputParser:
                     buf = self._buf = buf.lstrip("\n")
                     self._reasoning_lead = not buf
                 head, closed, rest = buf.partition(THINK_CLOSE)
-                if not (closed or final):  # hold back a possible start of </think>
-                    head = buf[: len(buf) - _partial_suffix(buf, THINK_CLOSE)]
-                emit = head.rstrip("\n")  # newlines just before </think> are not reasoning
-                if emit:
-                    self._out.append(Delta("reasoning", emit))
-                if not closed:
-                    self._buf = "" if final else buf[len(emit) :]
+                if closed:  # everything before it is reasoning, tool-call text included
+                    self._reasoning(head.rstrip("\n"))
+                    self._state, self._buf, self._held_call = "after_think", rest, False
+                    continue
+                if final:
+                    if self._held_call:
+                        text, calls = _split_open_reasoning(buf)
+                        text = text.rstrip("\n")
+                        self._reasoning(text if self._reasoning_emitted else text.lstrip("\n"))
+                        for call in calls:
+                            self._call(call)
+                    else:
+                        self._reasoning(buf.rstrip("\n"))
+                    self._buf = ""
                     return
-                self._state, self._buf = "after_think", rest
+                if not self._held_call:
+                    call_at = buf.find(CALL_OPEN)
+                    if call_at >= 0:
+                        self._held_call = True
+                        keep = call_at
+                    else:  # hold back a possible start of </think> or <tool_call>
+                        keep = len(buf) - max(
+                            _partial_suffix(buf, THINK_CLOSE), _partial_suffix(buf, CALL_OPEN)
+                        )
+                    emit = buf[:keep].rstrip("\n")  # newlines just before </think> are not reasoning
+                    self._reasoning(emit)
+                    self._buf = buf[len(emit) :]
+                return
             elif state == "after_think":
                 self._buf = buf.lstrip("\n")
                 if not (self._buf or final):
@@ -398,23 +511,15 @@ class StreamingOutputParser:
                 end = buf.find(CALL_CLOSE)
                 if end < 0:
                     if final:
-                        logger.warning("unclosed tool call kept as content: %.200r", CALL_OPEN + buf)
-                        self._content(CALL_OPEN + buf)
+                        if call := _parse_unclosed_call(buf):
+                            self._call(call)
+                        else:
+                            self._content(CALL_OPEN + buf)
                         self._buf = ""
                     return
                 body, self._buf = buf[:end], buf[end + len(CALL_CLOSE) :]
                 if call := _parse_tool_call(body):
-                    self._ws = ""
-                    self._out.append(
-                        Delta(
-                            "tool_call",
-                            index=self._calls,
-                            id=call.id,
-                            name=call.name,
-                            arguments=call.arguments,
-                        )
-                    )
-                    self._calls += 1
+                    self._call(call)
                 else:
                     self._content(CALL_OPEN + body + CALL_CLOSE)
                 self._state, self._line_start = "answer", False

@@ -31,10 +31,32 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--device", default=None, help="torch device: cpu, cuda, cuda:1 (default: cuda if present)"
     )
     parser.add_argument(
-        "--max-model-len", type=int, default=None, help="context length (prompt + output) to serve"
+        "--tokenizer", default=None, help="tokenizer folder or Hub repo id (default: the model's own)"
     )
     parser.add_argument(
-        "--kv-cache-memory", default=None, help="KV-cache size, e.g. 2GiB (default: fits the context)"
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length (prompt + output) to serve (default: the checkpoint's, lowered with a "
+        "warning to what the KV cache holds)",
+    )
+    parser.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help="KV-cache size, e.g. 8GiB (default: --kv-cache-fraction of the memory free after the weights)",
+    )
+    parser.add_argument(
+        "--kv-cache-fraction",
+        type=float,
+        default=None,
+        help="share of the free memory the KV cache takes: of the available RAM on CPU (default 0.5), "
+        "of the GPU's total on CUDA (default 0.9, vLLM's gpu_memory_utilization)",
+    )
+    parser.add_argument(
+        "--attention-backend",
+        choices=["kernel", "torch"],
+        default=None,
+        help="attention over the paged cache: qwen3's CPU kernel or torch SDPA (default: the kernel where it runs)",
     )
 
 
@@ -114,12 +136,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _load_llm(args: argparse.Namespace):
     from qwen3.llm import LLM
 
-    return LLM(
-        args.model,
+    return LLM(args.model, **_engine_options(args))
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    """The LLM keyword arguments the shared model options (_add_model_args) set."""
+    return dict(
+        tokenizer=args.tokenizer,
         dtype=args.dtype,
         device=args.device,
         max_model_len=args.max_model_len,
         kv_cache_memory=args.kv_cache_memory,
+        kv_cache_fraction=args.kv_cache_fraction,
+        attention_backend=args.attention_backend,
     )
 
 
@@ -266,14 +295,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from qwen3.llm import LLM
     from qwen3.server import ServerConfig, serve
 
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        kv_cache_memory=args.kv_cache_memory,
-    )
+    llm = LLM(args.model, max_num_seqs=args.max_num_seqs, **_engine_options(args))
     config = ServerConfig(
         served_model_names=args.served_model_name or [args.model or "qwen3-default"],
         api_key=args.api_key,
@@ -428,12 +450,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from qwen3.checkpoint import CheckpointError
+    from qwen3.config import ConfigError
     from qwen3.engine.llm_engine import RequestError
+    from qwen3.engine.memory import KVCacheError
     from qwen3.hub import ModelNotFoundError
 
     try:
         return args.func(args)
-    except (CheckpointError, ModelNotFoundError, RequestError, FileNotFoundError) as exc:
+    except (
+        CheckpointError,
+        ConfigError,
+        KVCacheError,
+        ModelNotFoundError,
+        RequestError,
+        FileNotFoundError,
+    ) as exc:
         logger.error("%s", exc)
         return 2
 

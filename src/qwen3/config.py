@@ -84,6 +84,18 @@ class Qwen3Config:
     def architecture(self) -> str:
         return ARCHITECTURES[self.model_type]
 
+    @property
+    def context_length(self) -> int:
+        """Positions the model is meant to serve: ``max_position_embeddings``, or, with RoPE scaling
+        (Qwen's YaRN recipe adds ``rope_scaling`` and leaves ``max_position_embeddings`` at 40,960),
+        ``original_max_position_embeddings * factor`` (131,072 for factor 4), as vLLM derives it."""
+        scaling = self.rope_scaling
+        if not scaling:
+            return self.max_position_embeddings
+        factor = scaling.get("factor") or 1.0
+        original = scaling.get("original_max_position_embeddings") or self.max_position_embeddings
+        return max(self.max_position_embeddings, int(original * factor))
+
     def is_sparse_layer(self, layer_idx: int) -> bool:
         """Whether layer ``layer_idx`` uses experts: the rule of transformers' Qwen3MoeDecoderLayer."""
         return (

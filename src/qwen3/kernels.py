@@ -1,16 +1,19 @@
-"""Decode-shaped linear layers on CPU: our own bf16 matrix-vector kernel, with torch as the fallback.
+"""qwen3's CPU kernels: linear layers, attention over the paged KV cache, RMSNorm and q/k-norm + RoPE.
 
-At batch 1 a linear layer reads each weight once, so decoding speed is the speed at which the
-weights stream from memory; torch's CPU kernels reach a third to a half of the machine's read
-bandwidth for bf16 weights (see ``docs/benchmarks.md``). The C++ kernel in ``csrc/gemv.cpp`` streams
-weights that were repacked once, at load, into blocks of 16 output rows, and computes several
-output rows per instruction (AVX512-BF16 ``vdpbf16ps``, or AVX2+FMA where that is all the CPU has).
+At batch 1 a linear layer reads each weight once, so decoding speed is the speed at which the weights
+stream from memory; torch's CPU kernels reach a third to a half of the machine's read bandwidth (see
+``docs/benchmarks.md``). The C++ kernel in ``csrc/gemv.cpp`` streams weights that were repacked once, at
+load, into blocks of 16 output rows, and computes several output rows per instruction (AVX512-BF16
+``vdpbf16ps``, or FMA where that is all the CPU has). It runs every row count, decode and prefill alike,
+and is batch-invariant: an output row is the same bits whatever else is in the call, because each output
+element is one fp32 accumulation over k in order, for any M. That is what makes the engine's results
+independent of batching (torch's GEMMs change their blocking with M).
 
 Usage::
 
-    packed = pack_linear_weight(weight)          # once, at load; weight is bf16 [N, K]
-    y = packed_linear(x, packed, bias)           # x is [..., K], bf16 or float32; few rows
-    y = linear(x, weight, packed, bias)          # the kernel for few rows, F.linear otherwise
+    packed = pack_linear_weight(weight)          # once, at load; weight is bf16 or fp32 [N, K]
+    y = packed_linear(x, packed, bias)           # x is [..., K], bf16 or float32
+    y = linear(x, weight, packed, bias)          # the kernel when packed, F.linear otherwise
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (gcc + ninja) into
 ``~/.cache/qwen3/kernels/<hash>``, the hash covering the source, torch's version and the instruction
@@ -38,11 +41,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DISABLE_ENV",
-    "ROW_LIMIT_ENV",
     "PackedWeight",
     "cpu_kernel_isa",
     "kernel_isa",
-    "kernel_row_limit",
     "kernels_available",
     "linear",
     "pack_gate_up_weight",
@@ -57,24 +58,13 @@ __all__ = [
 DISABLE_ENV = "QWEN3_DISABLE_KERNELS"
 """Set to 1 to force the pure-torch fallback everywhere."""
 
-ROW_LIMIT_ENV = "QWEN3_KERNEL_MAX_ROWS"
-"""Overrides ``kernel_row_limit()``: ``linear`` uses the kernel for at most this many rows of x."""
-
-# Rows of x up to which ``linear`` prefers the kernel to F.linear, per kernel path. Measured with
-# benchmarks/bench_gemv.py and a 3072 x 1024 matrix on Zen 3 (AVX2 path): torch's bf16 matmul has no
-# fast path without AVX512-BF16 and scales linearly with M (M=512: 157 ms), while the kernel turns
-# compute-bound at ~180 GFLOPS, on a par with MKL's fp32 GEMM (M=512: 17.7 ms vs 18.8 ms for fp32
-# F.linear), so the kernel wins at every M. The AVX512-BF16 value is not measured yet (oneDNN has a
-# good bf16 GEMM there; the doc this module came from measured torch bf16 prefill near llama.cpp).
-_ROW_LIMITS = {"avx2": sys.maxsize, "avx512bf16": 16}
-
 ROW_BLOCK = 16
 """Output rows per packed block (one 512-bit register of fp32 accumulators)."""
 
 K_ALIGN = 32
 """K is zero-padded to a multiple of this (one 64-byte cache line of bf16)."""
 
-_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)  # activations, and packed weights
 
 # One library: linear layers (gemv.cpp), attention over the paged KV cache (attention.cpp), and the
 # fused RMSNorm and q/k-norm + RoPE (norm_rope.cpp).
@@ -271,9 +261,10 @@ def kernel_isa() -> str | None:
 class PackedWeight:
     """A linear weight prepared for ``packed_linear`` / ``packed_gate_up_silu``.
 
-    ``data`` is the packed bf16 tensor ``[ceil(N/16) (x2 for gate/up), K_pad/2, 16, 2]`` when the
-    kernel is in use; otherwise ``data`` is None and ``weight`` keeps the original ``[N, K]`` weight
-    (``[2N, K]``, gate rows then up rows, for gate/up) for the ``F.linear`` fallback.
+    ``data`` is the packed tensor when the kernel is in use: bf16 ``[ceil(N/16) (x2 for gate/up), K_pad/2,
+    16, 2]`` or fp32 ``[ceil(N/16) (x2), K_pad, 16]``; otherwise ``data`` is None and ``weight`` keeps the
+    original ``[N, K]`` weight (``[2N, K]``, gate rows then up rows, for gate/up) for the ``F.linear``
+    fallback.
     """
 
     out_features: int
@@ -289,20 +280,23 @@ class PackedWeight:
 
 
 def _blocks(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> zero-padded [ceil(N/16), K_pad/2, 16, 2]: per block of 16 rows, per k pair, 16x2 weights."""
+    """[N, K] -> zero-padded blocks of 16 rows: bf16 ``[ceil(N/16), K_pad/2, 16, 2]`` (per k pair, 16x2
+    weights) or fp32 ``[ceil(N/16), K_pad, 16]`` (per k, 16 weights)."""
     n, k = weight.shape
     n_pad = -(-n // ROW_BLOCK) * ROW_BLOCK
     k_pad = -(-k // K_ALIGN) * K_ALIGN
     w = F.pad(weight.detach(), (0, k_pad - k, 0, n_pad - n))
+    if w.dtype == torch.float32:
+        return w.view(n_pad // ROW_BLOCK, ROW_BLOCK, k_pad).transpose(1, 2).contiguous()
     return w.view(n_pad // ROW_BLOCK, ROW_BLOCK, k_pad // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
 def _kernel_weight_ok(weight: torch.Tensor) -> bool:
-    return weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and _ops() is not None
+    return weight.dtype in _KERNEL_DTYPES and weight.device.type == "cpu" and _ops() is not None
 
 
 def pack_linear_weight(weight: torch.Tensor) -> PackedWeight:
-    """Repacks a bf16 ``[N, K]`` linear weight for ``packed_linear`` (do it once, at load).
+    """Repacks a bf16 or fp32 ``[N, K]`` linear weight for ``packed_linear`` (do it once, at load).
 
     Other dtypes or devices, or no kernel: the weight is kept as it is and ``packed_linear`` uses
     ``F.linear``. The packed copy does not alias ``weight``.
@@ -353,9 +347,9 @@ def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` for x of shape ``[..., K]`` (meant for a few rows: decode), W packed.
 
-    bf16 and float32 x go to the kernel as they are (float32 x is rounded to bf16 on the AVX512-BF16
-    path, as ``vdpbf16ps`` takes bf16 pairs; accumulation is float32 on every path), other dtypes
-    through float32; the result has x's dtype. Any strides are accepted. Not differentiable.
+    bf16 and float32 x go to the kernel as they are (with bf16 weights on the AVX512-BF16 path float32 x
+    is rounded to bf16, as ``vdpbf16ps`` takes bf16 pairs; accumulation is float32 on every path), other
+    dtypes through float32; the result has x's dtype. Any strides are accepted. Not differentiable.
     Whether the kernel runs was decided by ``pack_linear_weight``: a packed weight always uses it.
     """
     data = packed.data
@@ -402,7 +396,7 @@ def paged_attention(
     query_starts: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Writes a step's new keys/values to a paged bf16 KV cache and attends (``csrc/attention.cpp``).
+    """Writes a step's new keys/values to a paged KV cache and attends (``csrc/attention.cpp``); bf16 or fp32.
 
     q ``[N, Hq, D]``, k and v ``[N, Hkv, D]`` (the N new tokens); caches ``[num_blocks, Hkv, block_size,
     D]``, token n going to slot ``slots[n]`` (int64: row ``slot % block_size`` of block ``slot //
@@ -416,7 +410,7 @@ def paged_attention(
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``layers.RMSNorm`` in one pass for bf16 x and weight (``csrc/norm_rope.cpp``); kernels loaded."""
+    """``layers.RMSNorm`` in one pass for bf16 or fp32 x and weight (``csrc/norm_rope.cpp``); kernels loaded."""
     return torch.ops.qwen3_kernels.rms_norm.default(x, weight, eps)
 
 
@@ -430,9 +424,10 @@ def qk_norm_rope(
     num_kv_heads: int,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head RMSNorm then RoPE of the q and k parts of a fused qkv ``[T, (Hq + 2 Hkv) * D]`` (bf16).
+    """Per-head RMSNorm then RoPE of the q and k parts of a fused qkv ``[T, (Hq + 2 Hkv) * D]``.
 
-    cos/sin are ``[T, D]`` in bf16. Returns q ``[T, Hq, D]`` and k ``[T, Hkv, D]``; kernels loaded.
+    cos/sin are ``[T, D]`` in qkv's dtype (bf16 or fp32). Returns q ``[T, Hq, D]`` and k ``[T, Hkv, D]``;
+    kernels loaded.
     """
     return torch.ops.qwen3_kernels.qk_norm_rope.default(
         qkv, q_weight, k_weight, cos, sin, num_heads, num_kv_heads, eps
@@ -448,40 +443,20 @@ def read_bandwidth_probe(buf: torch.Tensor) -> float:
     return torch.ops.qwen3_kernels.read_bandwidth_probe.default(buf)
 
 
-def kernel_row_limit() -> int:
-    """Rows of x up to which ``linear`` uses the kernel (0 when there is none); see ``ROW_LIMIT_ENV``.
-
-    Read once per process and cached: it sits on the decode hot path (hundreds of calls per token).
-    """
-    limit = _state.get("row_limit")
-    if limit is None:
-        isa = kernel_isa()
-        env = os.environ.get(ROW_LIMIT_ENV, "")
-        limit = 0 if isa is None else int(env) if env else _ROW_LIMITS[isa]
-        if _ops() is not None:  # cache only once the kernels' fate is known
-            _state["row_limit"] = limit
-    return limit
-
-
 def linear(
     x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through the packed kernel when x has at most ``kernel_row_limit()`` rows.
+    """``F.linear(x, weight, bias)``, through the packed kernel when there is one (any number of rows).
 
-    Decode (few rows) is memory-bound and the kernel streams the weights faster than torch; for many
-    rows (prefill) torch's GEMM can be the better choice, depending on the CPU (see ``_ROW_LIMITS``).
+    Autograd (training) always takes ``F.linear``: the kernel is not differentiable.
     """
     data = None if packed is None else packed.data
     if data is None or x.requires_grad:
         return _torch_linear(x, weight, bias)
     k = x.shape[-1]
-    rows = x.numel() // max(1, k)
-    if rows > kernel_row_limit():
-        return _torch_linear(x, weight, bias)
-    if (
-        x.dtype == torch.bfloat16 and k == packed.in_features
-    ):  # the decode hot path, as little Python as can be
+    if x.dtype == torch.bfloat16 and k == packed.in_features:  # the hot path, as little Python as can be
         n = packed.out_features
+        rows = x.numel() // max(1, k)
         return torch.ops.qwen3_kernels.packed_linear.default(x.reshape(rows, k), data, n, bias).view(
             *x.shape[:-1], n
         )

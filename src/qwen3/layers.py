@@ -23,8 +23,8 @@ from qwen3.config import Qwen3Config
 class Linear(nn.Linear):
     """``nn.Linear`` that can also run on a repacked copy of its weight (the CPU decode kernel).
 
-    :meth:`pack` is called once after loading for bf16 weights on CPU; until then, and for every
-    other dtype or device, it is exactly ``nn.Linear``.
+    :meth:`pack` is called once after loading for bf16 or fp32 weights on CPU; until then, and for
+    every other dtype or device, it is exactly ``nn.Linear``.
     """
 
     packed: kernels.PackedWeight | None = None
@@ -42,7 +42,7 @@ class Linear(nn.Linear):
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dimension, computed in float32 like the reference."""
 
-    fused = False  # set by Qwen3ForCausalLM.use_cpu_kernels: bf16 inference runs the one-pass C++ op
+    fused = False  # set by Qwen3ForCausalLM.use_cpu_kernels: CPU inference runs the one-pass C++ op
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -118,9 +118,18 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self._cos, self._sin = (emb.cos() * scale).to(device), (emb.sin() * scale).to(device)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of shape positions.shape + (head_dim,), in ``dtype``."""
-        needed = int(positions.max()) + 1 if positions.numel() else 0
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype, max_position: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of shape positions.shape + (head_dim,), in ``dtype``.
+
+        ``max_position`` (an upper bound on ``positions``, known to the caller) spares reading the
+        positions back from the device, a host sync on CUDA.
+        """
+        if max_position is not None:
+            needed = max_position + 1
+        else:
+            needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self._cos.shape[0] or self._cos.device != positions.device:
             self._grow(needed, positions.device)
         return self._cos[positions].to(dtype), self._sin[positions].to(dtype)
@@ -228,8 +237,7 @@ class MLP(nn.Module):
         self.packed_gate_up = kernels.pack_gate_up_weight(gate, up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if self.packed_gate_up is not None and rows <= kernels.kernel_row_limit():
+        if self.packed_gate_up is not None and not x.requires_grad:
             return self.down_proj(kernels.packed_gate_up_silu(x, self.packed_gate_up))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
@@ -244,11 +252,22 @@ class Experts(nn.Module):
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.packed: list[tuple[kernels.PackedWeight, kernels.PackedWeight]] | None = None
+
+    def pack(self) -> None:
+        """Each expert's gate/up (interleaved, for the fused SiLU) and down weights for the CPU kernels."""
+        size = self.intermediate_size
+        self.packed = [
+            (kernels.pack_gate_up_weight(gu[:size], gu[size:]), kernels.pack_linear_weight(down))
+            for gu, down in zip(self.gate_up_proj.detach(), self.down_proj.detach(), strict=True)
+        ]
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, H]; expert_ids and weights [N, k]. Returns sum_k weights * expert_k(x), [N, H]."""
         n, top_k = expert_ids.shape
         flat_ids = expert_ids.reshape(-1)
+        if self.packed is not None and not x.requires_grad:
+            return self._grouped(x, flat_ids, weights, top_k, self._packed_expert)
         if n * top_k <= self.num_experts:
             # Few tokens (decode): gather just the chosen experts' weights and run one batched matmul.
             h = torch.bmm(self.gate_up_proj[flat_ids], x.repeat_interleave(top_k, dim=0).unsqueeze(-1))
@@ -256,7 +275,22 @@ class Experts(nn.Module):
             out = torch.bmm(self.down_proj[flat_ids], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
             out = out * weights.reshape(-1, 1)
             return out.view(n, top_k, -1).sum(dim=1)
-        # Many tokens (prefill): sort token slots by expert and run each used expert once on its group.
+        return self._grouped(x, flat_ids, weights, top_k, self._torch_expert)
+
+    def _torch_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[expert])
+
+    def _packed_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        gate_up, down = self.packed[expert]
+        return kernels.packed_linear(kernels.packed_gate_up_silu(x, gate_up), down)
+
+    def _grouped(self, x, flat_ids, weights, top_k, expert_fn) -> torch.Tensor:
+        """Sort token slots by expert and run each used expert once on its group of tokens.
+
+        Each token's outputs are summed in expert order, and (with the kernels) each expert's rows do not
+        depend on the group's size, so a token's result does not depend on the other tokens.
+        """
         order = flat_ids.argsort(stable=True)
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
         token_of_slot = order // top_k
@@ -268,9 +302,7 @@ class Experts(nn.Module):
             slots = order[start : start + count]
             tokens = token_of_slot[start : start + count]
             start += count
-            gate, up = F.linear(x[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[expert])
-            y = y * weights.reshape(-1)[slots, None]
+            y = expert_fn(expert, x[tokens]) * weights.reshape(-1)[slots, None]
             out.index_add_(0, tokens, y.to(out.dtype))
         return out
 
@@ -282,7 +314,7 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.gate = Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,17 +22,19 @@ import torch
 from tqdm.auto import tqdm
 
 from qwen3 import kernels
-from qwen3.chat import THINK_OPEN, ToolCall, parse_output, render, soft_switch
+from qwen3.chat import THINK_OPEN, ToolCall, parse_output, reasoning_opened, render, soft_switch
 from qwen3.checkpoint import load_model
-from qwen3.engine.llm_engine import EngineConfig, LLMEngine, StepOutput
+from qwen3.engine.llm_engine import STOP_THINKING_TEXT, EngineConfig, LLMEngine, ThinkingTokens
+from qwen3.engine.memory import default_budget, plan_kv_cache
 from qwen3.hub import resolve_model_dir
+from qwen3.layers import NoCache
+from qwen3.output_processor import RequestState
 from qwen3.sampling import RECOMMENDED, SamplingParams
 from qwen3.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 Conversation = Sequence[Mapping[str, Any]]
-DEFAULT_CPU_KV_BYTES = 4 << 30
 
 
 def default_model_dir() -> Path:
@@ -68,6 +70,7 @@ class Completion:
     finish_reason: str | None
     stop_reason: str | int | None = None
     logprobs: list | None = None
+    error: str | None = None  # why the engine failed this sequence (finish_reason "error")
 
 
 @dataclass
@@ -77,6 +80,7 @@ class RequestOutput:
     outputs: list[Completion]
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    usage: dict[str, int] = field(default_factory=dict)  # of the first completion (reasoning counted)
 
     # The first completion's fields, for the common n == 1 case.
     @property
@@ -125,56 +129,101 @@ class LLM:
     def __init__(
         self,
         model: str | os.PathLike | None = None,
+        tokenizer: str | os.PathLike | None = None,
         dtype: str | torch.dtype | None = None,
         device: str | None = None,
         max_model_len: int | None = None,
         max_num_seqs: int = 64,
         kv_cache_memory: int | str | None = None,
+        kv_cache_fraction: float | None = None,
         block_size: int = 16,
         max_num_batched_tokens: int = 512,
         enable_prefix_caching: bool = True,
+        attention_backend: str | None = None,
+        skip_tokenizer_init: bool = False,
         progress: bool = True,
     ) -> None:
+        """Load ``model`` (a folder or Hub repo id; None: the shipped tiny Qwen3) and size its engine.
+
+        ``tokenizer`` reads the tokenizer from another folder or repo; ``skip_tokenizer_init`` runs
+        without one (token-id prompts only, no chat, no stop strings, as vLLM's option). The KV cache takes
+        ``kv_cache_memory`` bytes ("8GiB") if given, else ``kv_cache_fraction`` of the memory free after the
+        weights (defaults: half the available RAM on CPU, 0.9 of the GPU; see ``qwen3.engine.memory``);
+        ``max_model_len`` defaults to the checkpoint's context, lowered with a warning if it does not fit.
+        ``attention_backend``: "kernel" (qwen3's CPU kernel), "torch", or None for the best that runs.
+        """
         folder = default_model_dir() if model is None else resolve_model_dir(model)
         self.model_dir = folder
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_model(folder, dtype=dtype, device=device, progress=progress)
         if self.model.use_cpu_kernels():
-            logger.info("using qwen3's CPU kernels (%s) for the linear layers", kernels.kernel_isa())
-        self.tokenizer = Tokenizer.from_pretrained(folder)
+            logger.info("using qwen3's CPU kernels (%s)", kernels.kernel_isa())
+        self.tokenizer = None if skip_tokenizer_init else Tokenizer.from_pretrained(tokenizer or folder)
         self.generation_config = _read_json(folder / "generation_config.json")
-        config = self.model.config
-        max_model_len = max_model_len or config.max_position_embeddings
+        max_num_batched_tokens = max(max_num_batched_tokens, 1)
         memory = parse_memory(kv_cache_memory)
-        if memory is None:
-            per_token = LLMEngine.num_blocks_for_memory(self.model, 1, 1 << 40)
-            memory = min((1 << 40) // per_token * max_num_seqs * max_model_len, DEFAULT_CPU_KV_BYTES)
-        num_blocks = LLMEngine.num_blocks_for_memory(self.model, block_size, memory)
+        if memory is not None:
+            budget, source = memory, "kv_cache_memory"
+        else:
+            peak = self._activation_peak(max_num_batched_tokens, max_num_seqs) if device.type == "cuda" else 0
+            budget, source = default_budget(device, kv_cache_fraction, peak)
+        plan = plan_kv_cache(
+            self.model.config, self.model.dtype, budget, source, block_size, max_num_seqs, max_model_len
+        )
         engine_config = EngineConfig(
-            max_model_len=max_model_len,
-            num_blocks=num_blocks,
+            max_model_len=plan.max_model_len,
+            num_blocks=plan.num_blocks,
             block_size=block_size,
             max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max(max_num_batched_tokens, 1),
+            max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching,
+            eos_token_ids=frozenset(self.eos_token_ids()),
+            thinking=self._thinking_tokens(),
+            attention_backend=attention_backend,
         )
-        self.engine = LLMEngine(self.model, self.tokenizer, engine_config, self.eos_token_ids())
+        self.engine = LLMEngine(self.model, engine_config)
         # Held while anything steps the engine: offline calls and an AsyncLLM thread may share it.
         self.lock = threading.RLock()
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.0f MiB), max_model_len %d",
-            num_blocks,
-            block_size,
-            memory / 2**20,
-            max_model_len,
-        )
+            "KV cache: %d blocks of %d tokens (%.0f MiB; %s), max_model_len %d, attention: %s",
+            plan.num_blocks, block_size, plan.memory_bytes / 2**20, source, plan.max_model_len,
+            type(self.engine.runner.backend).__name__,
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def _activation_peak(self, tokens: int, rows: int) -> int:
+        """Bytes a forward pass of the largest step adds on CUDA (vLLM's profile run), before the cache exists."""
+        torch.cuda.synchronize(self.model.device)
+        torch.cuda.reset_peak_memory_stats(self.model.device)
+        before = torch.cuda.memory_allocated(self.model.device)
+        ids = torch.zeros(1, tokens, dtype=torch.long, device=self.model.device)
+        hidden = self.model.hidden_states(ids, backend=NoCache())
+        self.model.compute_logits(hidden[0, : min(rows, tokens)]).float().softmax(-1)
+        peak = torch.cuda.max_memory_allocated(self.model.device) - before
+        del hidden
+        torch.cuda.empty_cache()
+        return int(peak)
+
+    def _thinking_tokens(self) -> ThinkingTokens | None:
+        tok = self.tokenizer
+        if tok is None:
+            return None
+        start, end = tok.token_to_id("<think>"), tok.token_to_id("</think>")
+        if start is None or end is None:
+            return None
+        return ThinkingTokens(start, end, tok.encode(STOP_THINKING_TEXT), tok.encode("\n\n"))
+
+    def _require_tokenizer(self, what: str) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{what} needs a tokenizer; this LLM was made with skip_tokenizer_init=True")
+        return self.tokenizer
 
     def eos_token_ids(self) -> set[int]:
         """Stop ids: generation_config's (151645 and 151643 for Qwen3), config.json's and the tokenizer's."""
         ids: set[int] = set()
         for value in (self.generation_config.get("eos_token_id"), self.model.config.eos_token_id):
             ids.update(value if isinstance(value, list) else [value] if value is not None else [])
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
@@ -193,7 +242,10 @@ class LLM:
         """Complete each prompt (text, or token ids) and return the outputs in prompt order."""
         batch = _as_prompt_list(prompts)
         sampling = sampling or self.default_sampling_params()
-        ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in batch]
+        ids = [
+            self._require_tokenizer("a text prompt").encode(p) if isinstance(p, str) else list(p)
+            for p in batch
+        ]
         return self._run([ChatRequest(i, sampling, None, False) for i in ids], use_tqdm)
 
     def chat(
@@ -256,32 +308,30 @@ class LLM:
         thinks first: the prompt opens ``<think>`` (as the model itself would) and the engine inserts the
         prefix right after ``</think>``, whether the model closes its thinking or the budget does.
         """
+        tokenizer = self._require_tokenizer("chat")
         thinking = enable_thinking and thinking_budget != 0
         sampling = sampling or self.recommended_sampling(messages, enable_thinking, thinking_budget)
         prompt = render(
             messages,
             tools=tools,
             enable_thinking=thinking,
-            template=chat_template or self.tokenizer.chat_template,
+            template=chat_template or tokenizer.chat_template,
             **template_kwargs,
         )
-        started = prompt.rstrip().endswith(THINK_OPEN)
+        started = reasoning_opened(prompt)
+        # Non-thinking mode with a template that opens <think> anyway (Thinking-2507): budget 0, so the
+        # engine closes the reasoning before the first token.
+        budget = thinking_budget if thinking else (0 if started else None)
         prefix_ids: list[int] = []
         parse_prefix = ""
-        if answer_prefix and thinking:
-            if not started:
+        if answer_prefix:
+            if thinking and not started:
                 prompt, started = prompt + THINK_OPEN + "\n", True
-            prefix_ids = self.tokenizer.encode(answer_prefix)
-        elif answer_prefix:
-            prompt, parse_prefix = prompt + answer_prefix, answer_prefix
-        return ChatRequest(
-            self.tokenizer.encode(prompt),
-            sampling,
-            thinking_budget if thinking else None,
-            started,
-            prefix_ids,
-            parse_prefix,
-        )
+            if started:
+                prefix_ids = tokenizer.encode(answer_prefix)
+            else:
+                prompt, parse_prefix = prompt + answer_prefix, answer_prefix
+        return ChatRequest(tokenizer.encode(prompt), sampling, budget, started, prefix_ids, parse_prefix)
 
     def _chat_output(self, result: RequestOutput, request: ChatRequest) -> ChatOutput:
         started = request.reasoning_started
@@ -289,34 +339,7 @@ class LLM:
         finish = result.finish_reason
         if tool_calls and finish == "stop":
             finish = "tool_calls"
-        return ChatOutput(
-            reasoning,
-            content,
-            tool_calls,
-            result.token_ids,
-            finish,
-            self.usage(result.prompt_token_ids, result.token_ids, started),
-            result.text,
-        )
-
-    def usage(
-        self, prompt_ids: list[int], output_ids: list[int], reasoning_started: bool = False
-    ) -> dict[str, int]:
-        """Token counts; reasoning tokens run up to and including ``</think>`` (all, if it never closed)."""
-        end_id = self.engine.think_end_id
-        start_id = self.engine.think_start_id
-        if end_id in output_ids:
-            reasoning = output_ids.index(end_id) + 1
-        elif reasoning_started or start_id in output_ids:
-            reasoning = len(output_ids)
-        else:
-            reasoning = 0
-        return {
-            "prompt_tokens": len(prompt_ids),
-            "completion_tokens": len(output_ids),
-            "reasoning_tokens": reasoning,
-            "total_tokens": len(prompt_ids) + len(output_ids),
-        }
+        return ChatOutput(reasoning, content, tool_calls, result.token_ids, finish, result.usage, result.text)
 
     def _run(self, jobs: list[ChatRequest], use_tqdm: bool) -> list[RequestOutput]:
         """Submit every job (``n`` sequences each), step the engine until all finish, collect in order."""
@@ -327,60 +350,62 @@ class LLM:
 
     def _run_locked(self, jobs: list[ChatRequest], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine
-        texts: dict[str, list[str]] = {}
+        states: dict[str, RequestState] = {}
         order: list[tuple[str, list[str]]] = []
-        for job in jobs:
-            request_id = uuid.uuid4().hex
-            seq_ids = []
-            params = job.params
-            for i in range(params.n):
-                seed = params.seed + i if params.seed is not None else None
-                seq_id = f"{request_id}-{i}"
-                engine.add_request(
-                    seq_id,
-                    job.prompt_token_ids,
-                    params.replace(seed=seed, n=1),
-                    job.thinking_budget,
-                    job.reasoning_started,
-                    job.answer_prefix_ids,
-                )
-                texts[seq_id] = []
-                seq_ids.append(seq_id)
-            order.append((request_id, seq_ids))
-        seqs = {sid: engine.requests[sid].seq for sid in texts}
-        bar = tqdm(total=len(seqs), desc="Generating", unit="seq", disable=not use_tqdm)
         try:
-            while engine.has_unfinished():
-                for out in engine.step():
-                    texts[out.request_id].append(out.new_text)
-                    bar.update(out.finished)
+            for job in jobs:
+                request_id = uuid.uuid4().hex
+                seq_ids = []
+                params = job.params
+                for i in range(params.n):
+                    seed = params.seed + i if params.seed is not None else None
+                    seq_id = f"{request_id}-{i}"
+                    seq_params = params.replace(seed=seed, n=1)
+                    states[seq_id] = RequestState(
+                        seq_id,
+                        job.prompt_token_ids,
+                        seq_params,
+                        self.tokenizer,
+                        reasoning_started=job.reasoning_started,
+                    )
+                    engine.add_request(
+                        seq_id, job.prompt_token_ids, seq_params, job.thinking_budget, job.reasoning_started,
+                        job.answer_prefix_ids,
+                    )  # fmt: skip
+                    seq_ids.append(seq_id)
+                order.append((request_id, seq_ids))
+            with tqdm(total=len(states), desc="Generating", unit="seq", disable=not use_tqdm) as bar:
+                while engine.has_unfinished():
+                    for out in engine.step():
+                        state = states[out.request_id]
+                        delta = state.process(out)
+                        if state.finished and not out.finished:  # a stop string: the engine has not seen it
+                            engine.abort(out.request_id)
+                        if delta is not None and delta.error:
+                            logger.error("request %s failed: %s", out.request_id, delta.error)
+                        bar.update(int(delta is not None and delta.finished))
         except BaseException:
-            for sid in texts:
+            for sid in states:
                 engine.abort(sid)
             raise
-        finally:
-            bar.close()
         results = []
         for request_id, seq_ids in order:
             completions = []
             for i, sid in enumerate(seq_ids):
-                seq = seqs[sid]
+                st = states[sid]
                 completions.append(
                     Completion(
-                        i,
-                        "".join(texts[sid]),
-                        seq.output_token_ids,
-                        seq.finish_reason,
-                        seq.stop_reason,
-                        seq.logprobs if seq.params.logprobs is not None else None,
+                        i, st.text, st.token_ids, st.finish_reason, st.stop_reason,
+                        st.logprobs if st.params.logprobs is not None else None,
                     )
-                )
-            first = seqs[seq_ids[0]]
+                )  # fmt: skip
+            first = states[seq_ids[0]]
             results.append(
                 RequestOutput(
-                    request_id, first.prompt_token_ids, completions, first.num_prefix_cached, _metrics(first)
+                    request_id, jobs[len(results)].prompt_token_ids, completions, first.num_cached_tokens,
+                    first.metrics, first.usage(),
                 )
-            )
+            )  # fmt: skip
         return results
 
     def stats(self) -> dict[str, float]:
@@ -392,18 +417,6 @@ class LLM:
             "preemptions": self.engine.scheduler.num_preemptions,
             "steps": self.engine.num_steps,
         }
-
-
-def _metrics(seq) -> dict[str, float]:
-    end = seq.finish_time or seq.arrival_time
-    first = seq.first_token_time or end
-    n = seq.num_output_tokens
-    return {
-        "time_to_first_token_s": first - seq.arrival_time,
-        "total_time_s": end - seq.arrival_time,
-        "decode_tokens_per_s": (n - 1) / (end - first) if n > 1 and end > first else 0.0,
-        "preemptions": float(seq.num_preemptions),
-    }
 
 
 def _as_prompt_list(prompts: Any) -> list[str | list[int]]:
@@ -419,4 +432,4 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-__all__ = ["LLM", "ChatOutput", "Completion", "RequestOutput", "StepOutput", "default_model_dir"]
+__all__ = ["LLM", "ChatOutput", "Completion", "RequestOutput", "default_model_dir"]

@@ -23,6 +23,7 @@ from qwen3.layers import (
     MLP,
     AttentionBackend,
     DecoderLayer,
+    Experts,
     Linear,
     NoCache,
     RMSNorm,
@@ -42,10 +43,14 @@ class Qwen3Model(nn.Module):
         self.rotary = RotaryEmbedding(config)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        backend: AttentionBackend,
+        max_position: int | None = None,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        rope = self.rotary(positions, x.dtype)
+        rope = self.rotary(positions, x.dtype, max_position)
         for layer in self.layers:
             x = layer(x, rope, backend)
         return self.norm(x)
@@ -67,13 +72,18 @@ class Qwen3ForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         backend: AttentionBackend | None = None,
+        max_position: int | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states [B, T, hidden]; positions default to 0..T-1 (or the cache's next)."""
+        """Final-norm hidden states [B, T, hidden]; positions default to 0..T-1 (or the cache's next).
+
+        ``max_position``: an upper bound on the positions, if the caller knows one (no device read-back).
+        """
         if positions is None:
             start = backend.length if isinstance(backend, KVCache) else 0
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
             positions = positions.expand(input_ids.shape[0], -1)
-        return self.model(input_ids, positions, backend or NoCache())
+            max_position = start + input_ids.shape[1] - 1
+        return self.model(input_ids, positions, backend or NoCache(), max_position)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
@@ -88,18 +98,23 @@ class Qwen3ForCausalLM(nn.Module):
         return self.compute_logits(self.hidden_states(input_ids, positions, backend))
 
     def use_cpu_kernels(self) -> bool:
-        """Repack bf16 weights for qwen3's CPU kernels, and fuse the norms and RoPE (inference only).
+        """Repack bf16 or fp32 weights for qwen3's CPU kernels, and fuse the norms and RoPE (inference).
 
-        The linear layers then run on the packed copies (costs a copy of the weights); RMSNorm and
-        the attention's q/k norm + RoPE run as one C++ op each.
+        The linear layers (and MoE experts) then run on the packed copies (costs a copy of the weights);
+        RMSNorm and the attention's q/k norm + RoPE run as one C++ op each. The kernels are
+        batch-invariant, so the model's output for a row no longer depends on the other rows.
 
-        Returns False, changing nothing, when the model is not bf16 on CPU or the kernels are
+        Returns False, changing nothing, when the model is not bf16/fp32 on CPU or the kernels are
         unavailable. Weights must not change afterwards: the packed copies would go stale.
         """
-        if self.device.type != "cpu" or self.dtype != torch.bfloat16 or not kernels.kernels_available():
+        if (
+            self.device.type != "cpu"
+            or self.dtype not in (torch.bfloat16, torch.float32)
+            or not kernels.kernels_available()
+        ):
             return False
         for module in self.modules():
-            if isinstance(module, MLP) or isinstance(module, Linear) and module.packable:
+            if isinstance(module, (MLP, Experts)) or isinstance(module, Linear) and module.packable:
                 module.pack()
             elif isinstance(module, RMSNorm):
                 module.fused = True  # and Attention then fuses its q/k norms with RoPE

@@ -1,9 +1,12 @@
 """Sampling parameters and the batched sampler.
 
-One step samples one token for every scheduled sequence at once: penalties, temperature, top-k,
-top-p and min-p are applied to the whole [B, vocab] logits tensor; only the random draw is per row,
-from the request's own ``torch.Generator`` when it has a seed, so a seeded request samples the same
-tokens whatever else shares its batch.
+One step samples one token for every sequence that needs one, all rows at once: penalties (from counts
+the engine keeps incrementally), temperature, top-k, top-p and min-p, then an exponential race for the
+draw. Top-k runs ``torch.topk`` per group of rows that share a k (rows usually all share Qwen3's
+recommended 20), and top-p and min-p then work on those k sorted candidates; only rows with top-k off
+and top-p on sort the whole vocabulary, once. Every row is computed from its own logits alone, and a
+seeded row draws its noise from its own ``torch.Generator`` in a shape fixed by its own parameters, so a
+seeded request samples the same tokens whatever else shares its batch (greedy rows trivially so).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from qwen3.device import index_tensor
 
 
 class SamplingError(ValueError):
@@ -72,6 +77,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
     def replace(self, **changes: Any) -> SamplingParams:
         return dataclasses.replace(self, **changes)
 
@@ -99,13 +108,25 @@ RECOMMENDED = {
 
 
 @dataclass
-class SampleRequest:
-    """What the sampler needs to know about one row: its params, history and random generator."""
+class SamplingBatch:
+    """The rows one step samples: host-side parameters (for decisions, no device sync) and device tensors.
 
-    params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    generator: torch.Generator | None = None
+    ``penalty_counts`` / ``prompt_mask`` ([rows, vocab], on the logits' device) are given for the rows in
+    ``penalty_rows`` only, in that order: how often each token was generated, and which the prompt holds.
+    """
+
+    request_ids: list[str]
+    params: list[SamplingParams]
+    generators: list[torch.Generator | None]
+    temperature: torch.Tensor  # [rows] float32
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    penalty_rows: list[int] = field(default_factory=list)
+    penalty_counts: torch.Tensor | None = None  # [len(penalty_rows), vocab] int32
+    prompt_mask: torch.Tensor | None = None  # [len(penalty_rows), vocab] bool
+    presence: torch.Tensor | None = None  # [len(penalty_rows)] float32, and the two below
+    frequency: torch.Tensor | None = None
+    repetition: torch.Tensor | None = None
 
 
 @dataclass
@@ -115,78 +136,116 @@ class SampleResult:
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
 
 
-def apply_penalties(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
-    """Repetition (prompt + output, HF/vLLM style), presence and frequency (output only, OpenAI style)."""
-    vocab = logits.shape[-1]
-    for i, row in enumerate(rows):
-        p = row.params
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(row.prompt_token_ids + row.output_token_ids, dtype=torch.long)
-            seen = seen[seen < vocab].unique().to(logits.device)
-            values = logits[i, seen]
-            logits[i, seen] = torch.where(
-                values > 0, values / p.repetition_penalty, values * p.repetition_penalty
-            )
-        if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
-            out = torch.tensor(row.output_token_ids, dtype=torch.long)
-            counts = torch.bincount(out[out < vocab], minlength=vocab).to(logits.device, logits.dtype)
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Repetition (prompt + output, HF/vLLM style), presence and frequency (output only, OpenAI style).
+
+    Reads the counts the engine keeps up to date token by token: nothing here is O(sequence length).
+    """
+    rows = batch.penalty_rows
+    if not rows:
+        return logits
+    index = index_tensor(rows, logits.device)
+    sub = logits.index_select(0, index)
+    counts = batch.penalty_counts.to(sub.dtype)
+    generated = batch.penalty_counts > 0
+    if any(batch.params[i].repetition_penalty != 1.0 for i in rows):
+        seen = generated | batch.prompt_mask
+        rp = batch.repetition[:, None]
+        sub = torch.where(seen, torch.where(sub > 0, sub / rp, sub * rp), sub)
+    sub = sub - batch.frequency[:, None] * counts - batch.presence[:, None] * generated.to(sub.dtype)
+    return logits.index_copy(0, index, sub)
 
 
-def filter_logits(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
-    """Temperature, top-k, top-p and min-p for rows that sample; masked entries become -inf."""
-    temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype, device=logits.device)
-    logits = logits / temps.clamp_min(1e-5).unsqueeze(1)
-    top_k = [r.params.top_k for r in rows]
-    if any(top_k):
-        k = torch.tensor([t or logits.shape[-1] for t in top_k], device=logits.device)
-        kth = logits.sort(dim=-1, descending=True).values.gather(
-            1, (k - 1).clamp(max=logits.shape[-1] - 1)[:, None]
+def _filter_sorted(
+    values: torch.Tensor, top_p: torch.Tensor | None, min_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Top-p, then min-p, on candidates sorted by descending logit; dropped entries become -inf."""
+    if top_p is not None:
+        probs = values.softmax(dim=-1)
+        # drop a candidate when the ones before it already reach top_p (the first is always kept)
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+        values = values.masked_fill(drop, float("-inf"))
+    if min_p is not None:
+        probs = values.softmax(dim=-1)
+        values = values.masked_fill(
+            probs < probs.max(dim=-1, keepdim=True).values * min_p[:, None], float("-inf")
         )
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    top_p = torch.tensor([r.params.top_p for r in rows], dtype=logits.dtype, device=logits.device)
-    if bool((top_p < 1).any()):
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens before it already reach top_p (the first is always kept)
-        drop = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p[:, None]
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    min_p = torch.tensor([r.params.min_p for r in rows], dtype=logits.dtype, device=logits.device)
-    if bool((min_p > 0).any()):
-        probs = logits.softmax(dim=-1)
-        threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
-        logits = logits.masked_fill(probs < threshold, float("-inf"))
-    return logits
+    return values
+
+
+def _exponential(shape: tuple[int, int], generators: list[torch.Generator | None], device) -> torch.Tensor:
+    """Exp(1) noise, row i from ``generators[i]`` when it has one (its own stream), else the global one."""
+    noise = torch.empty(shape, device=device)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if unseeded:
+        fill = torch.empty((len(unseeded), shape[1]), device=device).exponential_()
+        noise[index_tensor(unseeded, device)] = fill
+    for i, g in enumerate(generators):
+        if g is not None:
+            noise[i].exponential_(generator=g)
+    return noise
 
 
 class Sampler:
-    """Turns a [B, vocab] float logits tensor into one token per row."""
+    """Turns a [rows, vocab] logits tensor into one token per row (see the module docstring)."""
 
-    def __call__(self, logits: torch.Tensor, rows: list[SampleRequest]) -> SampleResult:
-        logits = apply_penalties(logits.float(), rows)
-        want_logprobs = [r.params.logprobs is not None for r in rows]
-        logprobs_all = logits.log_softmax(dim=-1) if any(want_logprobs) else None
-        greedy = [r.params.greedy for r in rows]
-        tokens = logits.argmax(dim=-1)
-        if not all(greedy):
-            sampling = [i for i, g in enumerate(greedy) if not g]
-            sub_rows = [rows[i] for i in sampling]
-            probs = filter_logits(logits[sampling], sub_rows).softmax(dim=-1)
-            for j, i in enumerate(sampling):
-                # Exponential race (Gumbel-max in disguise): argmax(p / E) with E ~ Exp(1) samples from p.
-                noise = torch.empty_like(probs[j]).exponential_(generator=rows[i].generator)
-                tokens[i] = (probs[j] / noise).argmax()
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
+        logits = apply_penalties(logits.float(), batch)
+        params = batch.params
+        tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        if greedy:
+            index = index_tensor(greedy, logits.device)
+            tokens[index] = logits.index_select(0, index).argmax(dim=-1)
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(params):
+            if not p.greedy:
+                groups.setdefault(min(p.top_k, logits.shape[-1]), []).append(i)
+        for k, rows in groups.items():
+            tokens[index_tensor(rows, logits.device)] = self._sample(logits, rows, k, batch)
         token_ids = tokens.tolist()
-        logprobs: list[tuple[float, list[tuple[int, float]]] | None] = []
-        for i, row in enumerate(rows):
-            if logprobs_all is None or row.params.logprobs is None:
-                logprobs.append(None)
-                continue
-            chosen = float(logprobs_all[i, token_ids[i]])
-            top: list[tuple[int, float]] = []
-            if row.params.logprobs:
-                values, ids = logprobs_all[i].topk(row.params.logprobs)
-                top = list(zip(ids.tolist(), values.tolist(), strict=True))
-            logprobs.append((chosen, top))
-        return SampleResult(token_ids, logprobs)
+        return SampleResult(token_ids, self._logprobs(logits, params, token_ids))
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, rows: list[int], k: int, batch: SamplingBatch) -> torch.Tensor:
+        """Tokens for rows that share top-k value ``k`` (0: off)."""
+        index = index_tensor(rows, logits.device)
+        scaled = logits.index_select(0, index) / batch.temperature[index].clamp_min(1e-5)[:, None]
+        use_top_p = any(batch.params[i].top_p < 1 for i in rows)
+        use_min_p = any(batch.params[i].min_p > 0 for i in rows)
+        if k:
+            values, candidates = scaled.topk(k, dim=-1)  # sorted, descending
+        elif use_top_p:
+            values, candidates = scaled.sort(dim=-1, descending=True)
+        else:
+            values, candidates = scaled, None  # min-p needs no order
+        values = _filter_sorted(
+            values, batch.top_p[index] if use_top_p else None, batch.min_p[index] if use_min_p else None
+        )
+        probs = values.softmax(dim=-1)
+        # Exponential race (Gumbel-max in disguise): argmax(p / E) with E ~ Exp(1) samples from p.
+        noise = _exponential(tuple(probs.shape), [batch.generators[i] for i in rows], logits.device)
+        choice = (probs / noise).argmax(dim=-1)
+        return choice if candidates is None else candidates.gather(1, choice[:, None]).squeeze(1)
+
+    @staticmethod
+    def _logprobs(
+        logits: torch.Tensor, params: list[SamplingParams], token_ids: list[int]
+    ) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        out: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(params)
+        if not rows:
+            return out
+        logprobs = logits.index_select(0, index_tensor(rows, logits.device)).log_softmax(dim=-1)
+        chosen = logprobs.gather(1, index_tensor([token_ids[i] for i in rows], logits.device)[:, None])
+        width = max(params[i].logprobs for i in rows)
+        top_values, top_ids = logprobs.topk(width, dim=-1) if width else (None, None)
+        chosen_list = chosen.squeeze(1).tolist()
+        top_v = top_values.tolist() if width else None
+        top_i = top_ids.tolist() if width else None
+        for j, i in enumerate(rows):
+            k = params[i].logprobs
+            top = list(zip(top_i[j][:k], top_v[j][:k], strict=True)) if k else []
+            out[i] = (chosen_list[j], top)
+        return out

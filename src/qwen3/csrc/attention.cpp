@@ -1,4 +1,4 @@
-// Attention over the engine's paged KV cache on x86 CPUs: bf16 queries, keys and values, fp32 math.
+// Attention over the engine's paged KV cache on x86 CPUs: bf16 or fp32 queries, keys and values, fp32 math.
 //
 //     out[N, Hq, D] = paged_attention(q[N, Hq, D], k[N, Hkv, D], v[N, Hkv, D], key_cache[blocks, Hkv, B, D],
 //                                     value_cache[same], slots[N], block_tables[S, max_blocks], seq_lens[S],
@@ -23,6 +23,12 @@
 // polynomial, relative error < 3e-6), then the probability-weighted sum of values, divided by the sum of
 // probabilities and rounded to bf16 once. Tiles are spread over torch's threads.
 //
+// Batch invariance: a query's result depends only on its own q and its own keys and values. Each score is
+// one accumulation over d in 8 lanes then a fixed horizontal sum; the softmax of a row runs over exactly
+// its keys (limit); the weighted sum runs over the tile's keys in order, the ones past the row's limit
+// adding exact zeros. So neither the tile a query lands in (other heads, other rows of its chunk) nor the
+// other sequences of the step change its bits.
+//
 // AVX2 + FMA only, so the one code path serves both builds (every CPU with AVX512-BF16 has AVX2).
 
 #include <ATen/Parallel.h>
@@ -42,10 +48,24 @@ namespace {
 
 constexpr int kMaxQ = 8;  // query vectors per tile: 8 ymm accumulators
 
-inline __m256 load_bf16x8(const uint16_t* p) {
+// The cache's element types: bf16 (stored as its bits) and fp32.
+using bf16_t = uint16_t;
+
+inline __m256 load8(const bf16_t* p) {
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+inline float to_float(bf16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline float to_float(float f) { return f; }
+inline void from_float(float f, bf16_t* dst) { *dst = c10::BFloat16(f).x; }
+inline void from_float(float f, float* dst) { *dst = f; }
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -58,9 +78,11 @@ inline float hsum(__m256 v) {
 #define QWEN3_ATTN_PREFETCH 1
 #endif
 
-inline void prefetch_row(const uint16_t* row, int64_t d_size) {
+template <typename T>
+inline void prefetch_row(const T* row, int64_t d_size) {
   if (!QWEN3_ATTN_PREFETCH) return;
-  for (int64_t d = 0; d < d_size; d += 32) _mm_prefetch(reinterpret_cast<const char*>(row + d), _MM_HINT_T0);
+  constexpr int64_t per_line = 64 / sizeof(T);
+  for (int64_t d = 0; d < d_size; d += per_line) _mm_prefetch(reinterpret_cast<const char*>(row + d), _MM_HINT_T0);
 }
 
 // e^x for x <= 0 (softmax arguments), as in gemv.cpp's SiLU: 2^round(t) * 2^f with t = x log2(e),
@@ -80,11 +102,11 @@ inline __m256 exp256(__m256 x) {
   return _mm256_and_ps(y, _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GT_OQ));
 }
 
-// s[v][j] = q[v] . k_j for j < n_keys; q is fp32 [QV][D] (scale folded in), keys are bf16 rows at
+// s[v][j] = q[v] . k_j for j < n_keys; q is fp32 [QV][D] (scale folded in), keys are rows at
 // base + offsets[j]. With few query vectors, KJ keys are done at once so that enough independent FMA
 // chains are in flight.
-template <int QV>
-void scores(const float* q, const uint16_t* base, const int64_t* offsets, int64_t n_keys, int64_t d_size,
+template <int QV, typename T>
+void scores(const float* q, const T* base, const int64_t* offsets, int64_t n_keys, int64_t d_size,
             float* s, int64_t s_stride) {
   constexpr int KJ = QV <= 2 ? 4 : QV <= 4 ? 2 : 1;
   int64_t j = 0;
@@ -96,7 +118,7 @@ void scores(const float* q, const uint16_t* base, const int64_t* offsets, int64_
       for (int u = 0; u < KJ; ++u) prefetch_row(base + offsets[j + KJ + u], d_size);
     for (int64_t d = 0; d < d_size; d += 8) {
       for (int u = 0; u < KJ; ++u) {
-        const __m256 kv = load_bf16x8(base + offsets[j + u] + d);
+        const __m256 kv = load8(base + offsets[j + u] + d);
         for (int v = 0; v < QV; ++v) acc[v][u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + v * d_size + d), kv, acc[v][u]);
       }
     }
@@ -107,7 +129,7 @@ void scores(const float* q, const uint16_t* base, const int64_t* offsets, int64_
     __m256 acc[QV];
     for (int v = 0; v < QV; ++v) acc[v] = _mm256_setzero_ps();
     for (int64_t d = 0; d < d_size; d += 8) {
-      const __m256 kv = load_bf16x8(base + offsets[j] + d);
+      const __m256 kv = load8(base + offsets[j] + d);
       for (int v = 0; v < QV; ++v) acc[v] = _mm256_fmadd_ps(_mm256_loadu_ps(q + v * d_size + d), kv, acc[v]);
     }
     for (int v = 0; v < QV; ++v) s[v * s_stride + j] = hsum(acc[v]);
@@ -144,8 +166,8 @@ float softmax_row(float* s, int64_t n_keys, int64_t limit) {
 
 // out[v][d] = sum_j p[v][j] * value_j[d] for j < n_keys, then times inv_sum[v]. With few query vectors,
 // DJ chunks of 8 dimensions are done at once, for independent FMA chains.
-template <int QV>
-void weighted_values(const float* p, int64_t p_stride, const uint16_t* base, const int64_t* offsets,
+template <int QV, typename T>
+void weighted_values(const float* p, int64_t p_stride, const T* base, const int64_t* offsets,
                      int64_t n_keys, int64_t d_size, const float* inv_sum, float* out) {
   constexpr int DJ = QV <= 2 ? 4 : QV <= 4 ? 2 : 1;
   for (int64_t d0 = 0; d0 < d_size; d0 += 8 * DJ) {
@@ -154,11 +176,11 @@ void weighted_values(const float* p, int64_t p_stride, const uint16_t* base, con
     for (int v = 0; v < QV; ++v)
       for (int u = 0; u < DJ; ++u) acc[v][u] = _mm256_setzero_ps();
     for (int64_t j = 0; j < n_keys; ++j) {
-      const uint16_t* row = base + offsets[j] + d0;
+      const T* row = base + offsets[j] + d0;
       if (d0 == 0 && j + 4 < n_keys) prefetch_row(base + offsets[j + 4], d_size);
       for (int u = 0; u < DJ; ++u) {
         if (u >= dj) break;
-        const __m256 vv = load_bf16x8(row + 8 * u);
+        const __m256 vv = load8(row + 8 * u);
         for (int v = 0; v < QV; ++v)
           acc[v][u] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + v * p_stride + j), vv, acc[v][u]);
       }
@@ -173,8 +195,8 @@ struct Tile {
   int64_t seq, kv_head, head0, heads, row0, rows;
 };
 
-template <int QV>
-void run_tile_qv(const float* q, const uint16_t* k, const uint16_t* v, const int64_t* offsets, int64_t n_keys,
+template <int QV, typename T>
+void run_tile_qv(const float* q, const T* k, const T* v, const int64_t* offsets, int64_t n_keys,
                  const int64_t* limits, int64_t d_size, float* s, float* out) {
   scores<QV>(q, k, offsets, n_keys, d_size, s, n_keys);
   float inv_sum[QV];
@@ -182,7 +204,8 @@ void run_tile_qv(const float* q, const uint16_t* k, const uint16_t* v, const int
   weighted_values<QV>(s, n_keys, v, offsets, n_keys, d_size, inv_sum, out);
 }
 
-void run_tile(int qv, const float* q, const uint16_t* k, const uint16_t* v, const int64_t* offsets, int64_t n_keys,
+template <typename T>
+void run_tile(int qv, const float* q, const T* k, const T* v, const int64_t* offsets, int64_t n_keys,
               const int64_t* limits, int64_t d_size, float* s, float* out) {
   switch (qv) {
     case 1: run_tile_qv<1>(q, k, v, offsets, n_keys, limits, d_size, s, out); break;
@@ -198,30 +221,28 @@ void run_tile(int qv, const float* q, const uint16_t* k, const uint16_t* v, cons
 }
 
 // Copies the rows of k/v ([N, Hkv, D], contiguous last dim) into their slots of the cache.
+template <typename T>
 void write_cache(const at::Tensor& src, const at::Tensor& cache, const int64_t* slots) {
   TORCH_CHECK(src.dim() == 3 && src.size(1) == cache.size(1) && src.size(2) == cache.size(3) && src.stride(2) == 1 &&
-                  src.scalar_type() == at::kBFloat16,
-              "qwen3 attention: new keys/values must be bf16 [N, Hkv, D] with contiguous rows");
+                  src.scalar_type() == cache.scalar_type(),
+              "qwen3 attention: new keys/values must be [N, Hkv, D] with contiguous rows, in the cache's dtype");
   const int64_t hkv = cache.size(1), block_size = cache.size(2), d_size = cache.size(3), blocks = cache.size(0);
-  const auto* sp = reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>());
-  auto* cp = reinterpret_cast<uint16_t*>(cache.data_ptr<at::BFloat16>());
+  const auto* sp = static_cast<const T*>(src.data_ptr());
+  auto* cp = static_cast<T*>(cache.data_ptr());
   for (int64_t n = 0; n < src.size(0); ++n) {
     const int64_t block = slots[n] / block_size, row = slots[n] % block_size;
     TORCH_CHECK(slots[n] >= 0 && block < blocks, "qwen3 attention: slot out of range");
     for (int64_t h = 0; h < hkv; ++h)
       std::memcpy(cp + ((block * hkv + h) * block_size + row) * d_size, sp + n * src.stride(0) + h * src.stride(1),
-                  d_size * sizeof(uint16_t));
+                  d_size * sizeof(T));
   }
 }
 
-at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& key_cache,
-                           const at::Tensor& value_cache, const at::Tensor& slots, const at::Tensor& block_tables,
-                           const at::Tensor& seq_lens, const at::Tensor& query_starts, double scale) {
-  TORCH_CHECK(q.dim() == 3 && key_cache.dim() == 4 && value_cache.sizes() == key_cache.sizes(),
-              "qwen3 attention: q must be [N, Hq, D] and the caches [blocks, Hkv, block_size, D]");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && key_cache.scalar_type() == at::kBFloat16 &&
-                  value_cache.scalar_type() == at::kBFloat16,
-              "qwen3 attention: bf16 tensors only");
+template <typename T>
+at::Tensor paged_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& slots,
+                                const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                const at::Tensor& query_starts, double scale) {
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous() && q.stride(2) == 1,
               "qwen3 attention: contiguous caches and q rows");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
@@ -240,8 +261,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == n_rows &&
                   k.size(0) == n_rows && v.size(0) == n_rows,
               "qwen3 attention: one int64 slot per new token");
-  write_cache(k, key_cache, slots.data_ptr<int64_t>());
-  write_cache(v, value_cache, slots.data_ptr<int64_t>());
+  write_cache<T>(k, key_cache, slots.data_ptr<int64_t>());
+  write_cache<T>(v, value_cache, slots.data_ptr<int64_t>());
 
   // Tiles: per sequence and kv head, up to kMaxQ query vectors (heads of the group x rows).
   const int64_t group = hq / hkv;
@@ -262,10 +283,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   }
   at::Tensor out = at::empty({n_rows, hq, d_size}, q.options());
   if (tiles.empty()) return out;
-  const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
-  const auto* kp = reinterpret_cast<const uint16_t*>(key_cache.data_ptr<at::BFloat16>());
-  const auto* vp = reinterpret_cast<const uint16_t*>(value_cache.data_ptr<at::BFloat16>());
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const auto* qp = static_cast<const T*>(q.data_ptr());
+  const auto* kp = static_cast<const T*>(key_cache.data_ptr());
+  const auto* vp = static_cast<const T*>(value_cache.data_ptr());
+  auto* op = static_cast<T*>(out.data_ptr());
   const int64_t q_row = q.stride(0), q_head = q.stride(1);
   const float fscale = static_cast<float>(scale);
   const int64_t n_tiles = static_cast<int64_t>(tiles.size());
@@ -291,24 +312,35 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
       const int qv = static_cast<int>(tile.rows * tile.heads);
       for (int i = 0; i < qv; ++i) {
         const int64_t row = tile.row0 + i / tile.heads, head = tile.head0 + i % tile.heads;
-        const uint16_t* src = qp + (starts[tile.seq] + row) * q_row + head * q_head;
-        for (int64_t d = 0; d < d_size; ++d) {
-          const uint32_t bits = static_cast<uint32_t>(src[d]) << 16;
-          float f;
-          std::memcpy(&f, &bits, sizeof(f));
-          qf[i * d_size + d] = f * fscale;
-        }
+        const T* src = qp + (starts[tile.seq] + row) * q_row + head * q_head;
+        for (int64_t d = 0; d < d_size; ++d) qf[i * d_size + d] = to_float(src[d]) * fscale;
         limits[i] = context + row + 1;
       }
       run_tile(qv, qf.data(), kp, vp, offsets.data(), n_keys, limits, d_size, s.data(), res.data());
       for (int i = 0; i < qv; ++i) {
         const int64_t row = tile.row0 + i / tile.heads, head = tile.head0 + i % tile.heads;
-        uint16_t* dst = op + ((starts[tile.seq] + row) * hq + head) * d_size;
-        for (int64_t d = 0; d < d_size; ++d) dst[d] = c10::BFloat16(res[i * d_size + d]).x;
+        T* dst = op + ((starts[tile.seq] + row) * hq + head) * d_size;
+        for (int64_t d = 0; d < d_size; ++d) from_float(res[i * d_size + d], dst + d);
       }
     }
   });
   return out;
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& key_cache,
+                           const at::Tensor& value_cache, const at::Tensor& slots, const at::Tensor& block_tables,
+                           const at::Tensor& seq_lens, const at::Tensor& query_starts, double scale) {
+  TORCH_CHECK(q.dim() == 3 && key_cache.dim() == 4 && value_cache.sizes() == key_cache.sizes(),
+              "qwen3 attention: q must be [N, Hq, D] and the caches [blocks, Hkv, block_size, D]");
+  const auto dtype = key_cache.scalar_type();
+  TORCH_CHECK((dtype == at::kBFloat16 || dtype == at::kFloat) && q.scalar_type() == dtype &&
+                  value_cache.scalar_type() == dtype,
+              "qwen3 attention: q and the caches must all be bf16 or all fp32");
+  if (dtype == at::kFloat)
+    return paged_attention_impl<float>(q, k, v, key_cache, value_cache, slots, block_tables, seq_lens, query_starts,
+                                       scale);
+  return paged_attention_impl<bf16_t>(q, k, v, key_cache, value_cache, slots, block_tables, seq_lens, query_starts,
+                                      scale);
 }
 
 }  // namespace

@@ -1,43 +1,44 @@
-// Decode-shaped linear layers for bf16 weights on x86 CPUs: y[M, N] = x[M, K] @ W[N, K]^T (+ bias)
-// for small M (1..8 rows: a decode step of a few sequences). Any M is computed correctly; with many
-// rows the kernel is compute-bound (on the AVX2 path ~180 GFLOPS on 2 Zen 3 cores, on a par with
-// MKL's fp32 GEMM and ~9x torch's bf16 matmul there, which has no fast path without AVX512-BF16).
+// Linear layers on x86 CPUs: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), for bf16 and fp32 weights and any M
+// (decode steps of a few rows, prompt chunks of hundreds), batch-invariant by construction.
 //
-// Why our own kernel: at batch 1 a linear layer is a matrix-vector product that reads every weight
-// once and does two flops per weight, so its speed is the speed at which the weights stream from
-// memory. torch's CPU paths reach a third to a half of the machine's read bandwidth for bf16
-// weights; this kernel is written to stream at the bandwidth limit.
+// Why our own kernel:
+//   * decode: at batch 1 a linear layer is a matrix-vector product that reads every weight once and does
+//     two flops per weight, so its speed is the speed at which the weights stream from memory; torch's CPU
+//     paths reach a third to a half of the machine's read bandwidth;
+//   * batch invariance: a row's result must not depend on how many other rows share the call (other
+//     requests in the step, how a prompt was chunked). torch's GEMMs switch algorithms, blockings and
+//     reduction splits with M, so one row's output changes in its last bits with the batch. Here every
+//     output element is one fp32 accumulator chain over k = 0, 1, 2, ... K-1 whatever M is, whatever tile
+//     or thread the row lands in. Only the instruction set changes the arithmetic (AVX512-BF16's
+//     `vdpbf16ps` adds a pair of products at a time), and a machine always runs the same path.
 //
-// Packed layout (done once, at load, by qwen3/kernels.py): W is padded to N_pad = ceil(N/16)*16 rows
-// and K_pad = ceil(K/32)*32 columns with zeros, then stored as
+// Packed layouts (made once, at load, by qwen3/kernels.py). W is padded with zeros to N_pad = ceil(N/16)*16
+// rows and K_pad = ceil(K/32)*32 columns, then stored per block of 16 output rows:
 //
-//     packed[N_pad/16][K_pad/2][16][2]    (bf16)
+//     bf16:  packed[N_pad/16][K_pad/2][16][2]   for each k pair, the 16 rows' two weights side by side
+//     fp32:  packed[N_pad/16][K_pad][16]        for each k, the 16 rows' weights
 //
-// i.e. for each block of 16 output rows, for each pair of k values, the 16 rows' two weights side by
-// side. Why this layout:
-//   * one block is one contiguous run of memory (16 * K_pad * 2 bytes), so each thread streams
-//     long contiguous runs that the hardware prefetchers follow (helped by a software prefetch,
-//     see QWEN3_PREFETCH);
-//   * one 64-byte load (one cache line, one zmm register) holds 16 rows x 2 k values, which is
-//     exactly the operand shape of AVX512-BF16's `vdpbf16ps`: lane r accumulates
-//     w[r][k] * x[k] + w[r][k+1] * x[k+1] in fp32. The activation pair (x[k], x[k+1]) is broadcast
-//     to all lanes, so no horizontal reductions are needed: after the K loop each lane holds the
-//     dot product of one output row;
-//   * the AVX2 path uses the same layout: a 32-byte load holds 8 rows x 2 k values, and the two bf16
-//     halves of each 32-bit lane become fp32 with one shift (even k) and one mask (odd k) — bf16 is
-//     the top half of an fp32.
-// Zero padding makes every tail disappear from the inner loops: the padded weights are zero, and the
-// activation copy is zero-padded to K_pad, so the padded products add exactly 0.
+//   * one block is one contiguous run of memory, so each thread streams long runs that the hardware
+//     prefetchers follow (helped by a software prefetch, QWEN3_PREFETCH);
+//   * one 64-byte load (one cache line, one zmm) holds the 16 rows' weights for one k pair (bf16) or one k
+//     (fp32): the operand shape of `vdpbf16ps` / an FMA with the activation broadcast to every lane, so no
+//     horizontal reductions are needed: after the k loop each lane holds the dot product of one row;
+//   * the AVX2 path uses the same layout: a bf16 pair's two halves become fp32 with one shift (even k) and
+//     one mask (odd k) — bf16 is the top half of an fp32 — and feed two FMAs, even k first.
+// Zero padding removes every tail from the inner loops: padded weights and activations are zero.
 //
-// Threads split the blocks of 16 rows statically (at::parallel_for, i.e. torch's own OpenMP pool and
-// thread count), so each thread reads one contiguous slice of the packed matrix. The M rows of x are
-// handled inside a block (tiles of up to 8 rows for AVX-512, 4 for AVX2) so the block's weights are
-// read from memory once whatever M is; a repeated pass over a block hits L1/L2.
+// Tiles: a micro-kernel multiplies NB consecutive blocks (NB*16 output rows) by MT rows of x, keeping the
+// NB*MT accumulators in registers (AVX-512: up to 4 x 6 = 24 zmm; AVX2: up to 2 x 4 halves in 16 ymm), so
+// each weight vector loaded feeds MT rows and each broadcast activation NB blocks: compute-bound shapes
+// (prefill) run near the FMA / dot-product peak, and with one row (decode) NB independent chains keep the
+// loads in flight. Threads split the blocks statically (at::parallel_for: torch's own thread pool and
+// count), one contiguous slice each; a thread takes a group of blocks, runs all M rows through it tile by
+// tile (the group's weights come from memory once, then from L2), and moves on.
 //
-// Instruction set: the file is compiled for the machine that runs it (kernels.py picks the -m flags
-// from /proc/cpuinfo); the AVX512-BF16 path is used when __AVX512BF16__ is defined, else the AVX2+FMA
-// path. QWEN3_EMULATE_AVX512BF16 swaps the AVX-512 intrinsics used here for scalar code so that the
-// AVX-512 path's indexing can be tested on a machine without AVX-512 (slow; tests only).
+// Instruction set: the file is compiled for the machine that runs it (kernels.py picks the -m flags from
+// /proc/cpuinfo); AVX512-BF16 when __AVX512BF16__ is defined, else AVX2+FMA. QWEN3_EMULATE_AVX512BF16 swaps
+// the AVX-512 intrinsics for scalar code so that the AVX-512 path's indexing can be tested on a machine
+// without AVX-512 (slow; tests only).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -45,6 +46,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -65,18 +67,20 @@
 #else
 #error "qwen3 gemv kernels need AVX512-BF16 or AVX2+FMA"
 #endif
+#if !defined(QWEN3_EMULATE_AVX512BF16)
+#include <immintrin.h>
+#endif
 
 namespace {
 
-// Software prefetch distance in bytes (0 = off). The L2 stream prefetcher does not cross 4 KiB pages,
-// so each page's first lines would be demand misses; one prefetch per 64-byte line, 1 KiB ahead, hides
-// that. Measured on Zen 3 (AVX2 path), Qwen3-0.6B decode shapes: 1024 ~5% faster than none, 512 and
-// 1536 in between, 2048+ slower. Not measured on an AVX-512 machine; the same distance is used there.
+// Software prefetch distance in bytes (0 = off). The L2 stream prefetcher does not cross 4 KiB pages, so
+// each page's first lines would be demand misses; one prefetch per 64-byte line, 1 KiB ahead, hides that.
+// Measured on Zen 3 (AVX2 path), Qwen3-0.6B decode shapes: 1024 ~5% faster than none.
 #ifndef QWEN3_PREFETCH
 #define QWEN3_PREFETCH 1024
 #endif
-constexpr int64_t kRows = 16;   // output rows per packed block
-constexpr int64_t kKAlign = 32; // K is padded to a multiple of this (64 bytes of bf16)
+constexpr int64_t kRows = 16;    // output rows per packed block
+constexpr int64_t kKAlign = 32;  // K is padded to a multiple of this
 
 inline float bf16_bits_to_float(uint16_t bits) {
   uint32_t u = static_cast<uint32_t>(bits) << 16;
@@ -85,299 +89,290 @@ inline float bf16_bits_to_float(uint16_t bits) {
   return f;
 }
 
+// Round to nearest even, like torch's .to(torch.bfloat16), for finite values (NaN stays NaN).
 inline uint16_t float_to_bf16_bits(float f) {
-  // Round to nearest even, like torch's .to(torch.bfloat16) (c10::BFloat16 does the same).
-  return c10::BFloat16(f).x;
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+// --- 16 fp32 lanes: one zmm, two ymm, or scalars (emulation) ---------------------------------------------
+
 #if defined(QWEN3_EMULATE_AVX512BF16)
-// Scalar stand-ins for the handful of AVX-512 intrinsics below (tests only). dpbf16 is computed in
-// fp32 with the same pairing as the hardware instruction (lane i: a[2i]*b[2i] + a[2i+1]*b[2i+1]).
-struct Emu512 {
+struct V16 {
   float f[16];
 };
-struct Emu512i {
-  uint32_t u[16];
-};
-using Vec512 = Emu512;
-using VecW512 = Emu512i;
-inline Vec512 zero512() {
-  Vec512 v;
+inline V16 vzero() {
+  V16 v;
   for (float& f : v.f) f = 0.f;
   return v;
 }
-inline VecW512 load512(const uint32_t* p) {
-  VecW512 v;
-  std::memcpy(v.u, p, sizeof(v.u));
+inline V16 vload(const float* p) {
+  V16 v;
+  std::memcpy(v.f, p, sizeof(v.f));
   return v;
 }
-inline VecW512 set1_512(uint32_t x) {
-  VecW512 v;
-  for (uint32_t& u : v.u) u = x;
-  return v;
-}
-inline Vec512 dpbf16(Vec512 acc, VecW512 a, VecW512 b) {
-  for (int i = 0; i < 16; ++i) {
-    acc.f[i] += bf16_bits_to_float(a.u[i] & 0xffff) * bf16_bits_to_float(b.u[i] & 0xffff) +
-                bf16_bits_to_float(a.u[i] >> 16) * bf16_bits_to_float(b.u[i] >> 16);
-  }
+inline void vstore(float* p, V16 v) { std::memcpy(p, v.f, sizeof(v.f)); }
+inline V16 vfma(V16 acc, V16 w, float x) {
+  for (int i = 0; i < 16; ++i) acc.f[i] = std::fma(w.f[i], x, acc.f[i]);
   return acc;
 }
-inline Vec512 add512(Vec512 a, Vec512 b) {
-  for (int i = 0; i < 16; ++i) a.f[i] += b.f[i];
-  return a;
+// vdpbf16ps: lane i += a.bf16[2i] * b.bf16[2i] + a.bf16[2i+1] * b.bf16[2i+1] (fp32).
+inline V16 vdpbf16(V16 acc, const uint32_t* w, uint32_t xpair) {
+  const float x0 = bf16_bits_to_float(xpair & 0xffff), x1 = bf16_bits_to_float(xpair >> 16);
+  for (int i = 0; i < 16; ++i)
+    acc.f[i] += bf16_bits_to_float(w[i] & 0xffff) * x0 + bf16_bits_to_float(w[i] >> 16) * x1;
+  return acc;
 }
-inline void store512(float* p, Vec512 v) { std::memcpy(p, v.f, sizeof(v.f)); }
 inline void prefetch(const void*) {}
 #elif defined(QWEN3_PATH_AVX512BF16)
-using Vec512 = __m512;
-using VecW512 = __m512i;
-inline Vec512 zero512() { return _mm512_setzero_ps(); }
-inline VecW512 load512(const uint32_t* p) { return _mm512_loadu_si512(p); }
-inline VecW512 set1_512(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
-inline Vec512 dpbf16(Vec512 acc, VecW512 a, VecW512 b) {
-  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
+struct V16 {
+  __m512 v;
+};
+inline V16 vzero() { return {_mm512_setzero_ps()}; }
+inline V16 vload(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline void vstore(float* p, V16 v) { _mm512_storeu_ps(p, v.v); }
+inline V16 vfma(V16 acc, V16 w, float x) { return {_mm512_fmadd_ps(w.v, _mm512_set1_ps(x), acc.v)}; }
+inline V16 vdpbf16(V16 acc, const uint32_t* w, uint32_t xpair) {
+  const __m512i wv = _mm512_loadu_si512(w);
+  const __m512i xv = _mm512_set1_epi32(static_cast<int>(xpair));
+  return {_mm512_dpbf16_ps(acc.v, reinterpret_cast<__m512bh>(wv), reinterpret_cast<__m512bh>(xv))};
 }
-inline Vec512 add512(Vec512 a, Vec512 b) { return _mm512_add_ps(a, b); }
-inline void store512(float* p, Vec512 v) { _mm512_storeu_ps(p, v); }
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+#else
+struct V16 {
+  __m256 lo, hi;
+};
+inline V16 vzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline V16 vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline void vstore(float* p, V16 v) {
+  _mm256_storeu_ps(p, v.lo);
+  _mm256_storeu_ps(p + 8, v.hi);
+}
+inline V16 vfma(V16 acc, V16 w, float x) {
+  const __m256 xb = _mm256_set1_ps(x);
+  return {_mm256_fmadd_ps(w.lo, xb, acc.lo), _mm256_fmadd_ps(w.hi, xb, acc.hi)};
+}
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 #endif
 
+// --- micro-kernels: NB blocks x MT rows of x, one accumulator chain per output element ------------------
+
+// Tile shapes per path and weight format: kMaxNB blocks, up to max_mt rows, nb_for(mt) blocks per tile.
 #if defined(QWEN3_PATH_AVX512BF16)
-// The activations as the kernel wants them: bf16, zero-padded to K_pad, read as 32-bit pairs.
-using XElem = uint16_t;
-constexpr int64_t kMaxTile = 8;  // rows of x per pass over a block: 8 accumulators + weights in 32 zmm
-
-// One block of 16 output rows against MT rows of x: out[m][r] = sum_k w[r][k] * x[m][k].
-// w: the block, [kp_count][16] bf16 pairs; x: MT rows of kp_count bf16 pairs, row stride x_stride.
-template <int MT>
-inline void block_tile(const uint32_t* __restrict w, int64_t kp_count, const uint32_t* __restrict x,
-                       int64_t x_stride, float* __restrict out /* [MT][16] */) {
-  // A dpbf16 has a latency of several cycles; with few x rows a single accumulator chain per row
-  // would stall the loop, so consecutive k pairs rotate over U independent accumulators (summed at
-  // the end). 32 zmm registers hold even MT=8 x U=2 accumulators.
-  constexpr int U = MT == 1 ? 4 : 2;
-  Vec512 acc[MT][U];
-  for (int m = 0; m < MT; ++m)
-    for (int u = 0; u < U; ++u) acc[m][u] = zero512();
-  // kp_count is a multiple of 16 (K_pad is a multiple of 32), so U always divides it.
-  for (int64_t kp = 0; kp < kp_count; kp += U) {
-    for (int u = 0; u < U; ++u) {
-#if QWEN3_PREFETCH > 0
-      prefetch(reinterpret_cast<const char*>(w + (kp + u) * kRows) + QWEN3_PREFETCH);
-#endif
-      const VecW512 wv = load512(w + (kp + u) * kRows);
-      for (int m = 0; m < MT; ++m) acc[m][u] = dpbf16(acc[m][u], wv, set1_512(x[m * x_stride + kp + u]));
-    }
-  }
-  for (int m = 0; m < MT; ++m) {
-    Vec512 s = acc[m][0];
-    for (int u = 1; u < U; ++u) s = add512(s, acc[m][u]);
-    store512(out + m * kRows, s);
-  }
-}
+constexpr int kMaxNB = 4;  // 4 blocks x 6 rows = 24 zmm accumulators + 4 weight vectors, in 32 zmm
+constexpr int kBf16MaxMT = 6, kF32MaxMT = 6;
+inline int bf16_nb_for(int /*mt*/) { return 4; }
+inline int f32_nb_for(int /*mt*/) { return 4; }
 #else
-// AVX2: activations in fp32 (exact products: bf16 -> fp32 is exact), zero-padded to K_pad.
-using XElem = float;
-constexpr int64_t kMaxTile = 4;  // 4 rows x 2 accumulators + converted weights fit in 16 ymm
+// AVX2 has 16 ymm. bf16: even and odd k get an accumulator each (summed at the end, whatever the tile),
+// so 3 rows x 2 halves x 2 = 12 accumulators, plus 2 converted weight halves; with 1 row, 2 blocks.
+// fp32: 4 rows x 2 halves = 8 accumulators; with 1-2 rows, 2 blocks.
+constexpr int kMaxNB = 2;
+constexpr int kBf16MaxMT = 3, kF32MaxMT = 4;
+inline int bf16_nb_for(int mt) { return mt == 1 ? 2 : 1; }
+inline int f32_nb_for(int mt) { return mt <= 2 ? 2 : 1; }
+#endif
 
-template <int MT>
-inline void block_tile(const uint32_t* __restrict w, int64_t kp_count, const float* __restrict x,
-                       int64_t x_stride, float* __restrict out /* [MT][16] */) {
-  // Rows 0-7 and 8-15 of the block each get an accumulator per x row; with few x rows, even and
-  // odd k get separate accumulators too, so that several FMA chains are in flight.
-  constexpr int U = MT <= 2 ? 2 : 1;
-  const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
-  __m256 acc[MT][2][U];
+// bf16 weights, one k pair per step. x holds MT rows of activations: bf16 pairs (AVX512-BF16) or fp32.
+#if defined(QWEN3_PATH_AVX512BF16)
+using XBf16 = uint16_t;  // the activations as the dot-product instruction takes them
+template <int NB, int MT, bool PF>
+inline void tile_bf16(const uint32_t* const* w, int64_t kp_count, const XBf16* x16, int64_t xs, float* out,
+                      int64_t os) {
+  const auto* x = reinterpret_cast<const uint32_t*>(x16);  // pairs
+  const int64_t xp = xs / 2;
+  V16 acc[MT][NB];
   for (int m = 0; m < MT; ++m)
-    for (int h = 0; h < 2; ++h)
-      for (int u = 0; u < U; ++u) acc[m][h][u] = _mm256_setzero_ps();
+    for (int b = 0; b < NB; ++b) acc[m][b] = vzero();
   for (int64_t kp = 0; kp < kp_count; ++kp) {
-#if QWEN3_PREFETCH > 0
-    _mm_prefetch(reinterpret_cast<const char*>(w + kp * kRows) + QWEN3_PREFETCH, _MM_HINT_T0);
-#endif
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kp * kRows));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kp * kRows + 8));
-    // Low 16 bits of each 32-bit lane = weight for k = 2kp, high 16 bits = weight for k = 2kp + 1.
-    const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
-    const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(w0, hi_mask));
-    const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
-    const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(w1, hi_mask));
-    for (int m = 0; m < MT; ++m) {
-      const __m256 xe = _mm256_broadcast_ss(x + m * x_stride + 2 * kp);
-      const __m256 xo = _mm256_broadcast_ss(x + m * x_stride + 2 * kp + 1);
-      acc[m][0][0] = _mm256_fmadd_ps(e0, xe, acc[m][0][0]);
-      acc[m][1][0] = _mm256_fmadd_ps(e1, xe, acc[m][1][0]);
-      acc[m][0][U - 1] = _mm256_fmadd_ps(o0, xo, acc[m][0][U - 1]);
-      acc[m][1][U - 1] = _mm256_fmadd_ps(o1, xo, acc[m][1][U - 1]);
+    for (int b = 0; b < NB; ++b) {
+      const uint32_t* wb = w[b] + kp * kRows;
+      if (PF && QWEN3_PREFETCH > 0) prefetch(reinterpret_cast<const char*>(wb) + QWEN3_PREFETCH);
+      for (int m = 0; m < MT; ++m) acc[m][b] = vdpbf16(acc[m][b], wb, x[m * xp + kp]);
     }
   }
-  for (int m = 0; m < MT; ++m) {
-    __m256 lo = acc[m][0][0], hi = acc[m][1][0];
-    if (U == 2) {
-      lo = _mm256_add_ps(lo, acc[m][0][U - 1]);
-      hi = _mm256_add_ps(hi, acc[m][1][U - 1]);
+  for (int m = 0; m < MT; ++m)
+    for (int b = 0; b < NB; ++b) vstore(out + m * os + b * kRows, acc[m][b]);
+}
+#else
+using XBf16 = float;
+template <int NB, int MT, bool PF>
+inline void tile_bf16(const uint32_t* const* w, int64_t kp_count, const XBf16* x, int64_t xs, float* out,
+                      int64_t os) {
+  const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  V16 even_acc[MT][NB], odd_acc[MT][NB];
+  for (int m = 0; m < MT; ++m)
+    for (int b = 0; b < NB; ++b) even_acc[m][b] = odd_acc[m][b] = vzero();
+  for (int64_t kp = 0; kp < kp_count; ++kp) {
+    for (int b = 0; b < NB; ++b) {
+      const uint32_t* wb = w[b] + kp * kRows;
+      if (PF && QWEN3_PREFETCH > 0) prefetch(reinterpret_cast<const char*>(wb) + QWEN3_PREFETCH);
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 8));
+      // Low 16 bits of each 32-bit lane = the weight for k = 2kp, high 16 bits = k = 2kp + 1.
+      const V16 even = {_mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)),
+                        _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16))};
+      for (int m = 0; m < MT; ++m) even_acc[m][b] = vfma(even_acc[m][b], even, x[m * xs + 2 * kp]);
+      const V16 odd = {_mm256_castsi256_ps(_mm256_and_si256(w0, hi_mask)),
+                       _mm256_castsi256_ps(_mm256_and_si256(w1, hi_mask))};
+      for (int m = 0; m < MT; ++m) odd_acc[m][b] = vfma(odd_acc[m][b], odd, x[m * xs + 2 * kp + 1]);
     }
-    _mm256_storeu_ps(out + m * kRows, lo);
-    _mm256_storeu_ps(out + m * kRows + 8, hi);
   }
+  for (int m = 0; m < MT; ++m)
+    for (int b = 0; b < NB; ++b) {
+      const V16 e = even_acc[m][b], o = odd_acc[m][b];
+      vstore(out + m * os + b * kRows, {_mm256_add_ps(e.lo, o.lo), _mm256_add_ps(e.hi, o.hi)});
+    }
 }
 #endif
 
-// Dispatch a tile of `mt` (<= kMaxTile) x rows to the template instance unrolled for it.
-inline void block_rows(const uint32_t* w, int64_t kp_count, const XElem* x, int64_t x_stride_elems,
-                       int64_t mt, float* out) {
-#if defined(QWEN3_PATH_AVX512BF16)
-  // x rows are read as 32-bit bf16 pairs.
-  const auto* xp = reinterpret_cast<const uint32_t*>(x);
-  const int64_t xs = x_stride_elems / 2;
-#else
-  const float* xp = x;
-  const int64_t xs = x_stride_elems;
-#endif
+// fp32 weights, one k per step; x in fp32.
+template <int NB, int MT, bool PF>
+inline void tile_f32(const float* const* w, int64_t k_count, const float* x, int64_t xs, float* out, int64_t os) {
+  V16 acc[MT][NB];
+  for (int m = 0; m < MT; ++m)
+    for (int b = 0; b < NB; ++b) acc[m][b] = vzero();
+  for (int64_t k = 0; k < k_count; ++k) {
+    for (int b = 0; b < NB; ++b) {
+      const float* wb = w[b] + k * kRows;
+      if (PF && QWEN3_PREFETCH > 0) prefetch(reinterpret_cast<const char*>(wb) + QWEN3_PREFETCH);
+      const V16 wv = vload(wb);
+      for (int m = 0; m < MT; ++m) acc[m][b] = vfma(acc[m][b], wv, x[m * xs + k]);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int b = 0; b < NB; ++b) vstore(out + m * os + b * kRows, acc[m][b]);
+}
+
+// The weight formats: how a block is addressed, what x looks like, which micro-kernel runs.
+struct Bf16Weights {
+  using W = uint32_t;  // a bf16 pair
+  using X = XBf16;
+  static constexpr int max_mt = kBf16MaxMT;
+  static int nb_for(int mt) { return bf16_nb_for(mt); }
+  static int64_t steps(int64_t k_pad) { return k_pad / 2; }
+  template <int NB, int MT, bool PF>
+  static void tile(const W* const* w, int64_t n, const X* x, int64_t xs, float* out, int64_t os) {
+    tile_bf16<NB, MT, PF>(w, n, x, xs, out, os);
+  }
+};
+struct F32Weights {
+  using W = float;
+  using X = float;
+  static constexpr int max_mt = kF32MaxMT;
+  static int nb_for(int mt) { return f32_nb_for(mt); }
+  static int64_t steps(int64_t k_pad) { return k_pad; }
+  template <int NB, int MT, bool PF>
+  static void tile(const W* const* w, int64_t n, const X* x, int64_t xs, float* out, int64_t os) {
+    tile_f32<NB, MT, PF>(w, n, x, xs, out, os);
+  }
+};
+
+template <class F, int NB, int MT>
+inline void tile_pf(bool pf, const typename F::W* const* w, int64_t n, const typename F::X* x, int64_t xs,
+                    float* out, int64_t os) {
+  if (pf)
+    F::template tile<NB, MT, true>(w, n, x, xs, out, os);
+  else
+    F::template tile<NB, MT, false>(w, n, x, xs, out, os);
+}
+
+template <class F, int NB>
+inline void tile_mt(int mt, bool pf, const typename F::W* const* w, int64_t n, const typename F::X* x, int64_t xs,
+                    float* out, int64_t os) {
   switch (mt) {
-    case 1: block_tile<1>(w, kp_count, xp, xs, out); break;
-    case 2: block_tile<2>(w, kp_count, xp, xs, out); break;
-    case 3: block_tile<3>(w, kp_count, xp, xs, out); break;
-    case 4: block_tile<4>(w, kp_count, xp, xs, out); break;
-#if defined(QWEN3_PATH_AVX512BF16)
-    case 5: block_tile<5>(w, kp_count, xp, xs, out); break;
-    case 6: block_tile<6>(w, kp_count, xp, xs, out); break;
-    case 7: block_tile<7>(w, kp_count, xp, xs, out); break;
-    case 8: block_tile<8>(w, kp_count, xp, xs, out); break;
+    case 1: tile_pf<F, NB, 1>(pf, w, n, x, xs, out, os); break;
+    case 2: tile_pf<F, NB, 2>(pf, w, n, x, xs, out, os); break;
+    case 3: tile_pf<F, NB, 3>(pf, w, n, x, xs, out, os); break;
+    case 4: tile_pf<F, NB, 4>(pf, w, n, x, xs, out, os); break;
+#if defined(QWEN3_PATH_AVX512BF16)  // (AVX2 never asks for more rows than its formats' max_mt)
+    case 5: tile_pf<F, NB, 5>(pf, w, n, x, xs, out, os); break;
+    case 6: tile_pf<F, NB, 6>(pf, w, n, x, xs, out, os); break;
 #endif
-    default: TORCH_CHECK(false, "qwen3 gemv: bad tile size ", mt);
+    default: TORCH_CHECK(false, "qwen3 gemv: bad tile height ", mt);
   }
 }
 
-// All M rows of x against one block: out[m][r] for m < M, in tiles of up to kMaxTile rows. The first
-// tile streams the block from memory, later tiles find it in cache.
-inline void block_all_rows(const uint32_t* w, int64_t kp_count, const XElem* x, int64_t k_pad, int64_t m_rows,
-                           float* out /* [M][16] */) {
-  for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxTile) {
-    const int64_t mt = std::min(kMaxTile, m_rows - m0);
-    block_rows(w, kp_count, x + m0 * k_pad, k_pad, mt, out + m0 * kRows);
+template <class F>
+inline void tile_any(int nb, int mt, bool pf, const typename F::W* const* w, int64_t n, const typename F::X* x,
+                     int64_t xs, float* out, int64_t os) {
+  switch (nb) {
+    case 1: tile_mt<F, 1>(mt, pf, w, n, x, xs, out, os); break;
+    case 2: tile_mt<F, 2>(mt, pf, w, n, x, xs, out, os); break;
+#if defined(QWEN3_PATH_AVX512BF16)
+    case 3: tile_mt<F, 3>(mt, pf, w, n, x, xs, out, os); break;
+    case 4: tile_mt<F, 4>(mt, pf, w, n, x, xs, out, os); break;
+#endif
+    default: TORCH_CHECK(false, "qwen3 gemv: bad tile width ", nb);
   }
 }
 
-// Copies x[M, K] (bf16 or fp32, any strides) into the zero-padded [M, K_pad] buffer the kernel reads.
-std::vector<XElem> prepare_x(const at::Tensor& x, int64_t k_pad) {
-  const int64_t m_rows = x.size(0), k = x.size(1);
-  std::vector<XElem> buf(static_cast<size_t>(m_rows * k_pad), XElem{0});
-  const int64_t s0 = x.stride(0), s1 = x.stride(1);
-  if (x.scalar_type() == at::kBFloat16) {
-    const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-    for (int64_t m = 0; m < m_rows; ++m)
-      for (int64_t i = 0; i < k; ++i) {
-        const uint16_t bits = src[m * s0 + i * s1];
-#if defined(QWEN3_PATH_AVX512BF16)
-        buf[m * k_pad + i] = bits;
-#else
-        buf[m * k_pad + i] = bf16_bits_to_float(bits);
-#endif
-      }
-  } else {
-    const float* src = x.data_ptr<float>();
-    for (int64_t m = 0; m < m_rows; ++m)
-      for (int64_t i = 0; i < k; ++i) {
-        const float v = src[m * s0 + i * s1];
-#if defined(QWEN3_PATH_AVX512BF16)
-        buf[m * k_pad + i] = float_to_bf16_bits(v);
-#else
-        buf[m * k_pad + i] = v;
-#endif
-      }
+// out[m][16 j + r] for the g consecutive blocks starting at `first` (block stride `stride` elements) and
+// every row m of x: tiles of F::max_mt rows, each tile over sub-groups of F::nb_for(mt) blocks. The first tile
+// reads the blocks from memory (with prefetch), later ones find them in L2.
+template <class F>
+void group_all_rows(const typename F::W* first, int64_t stride, int g, int64_t k_pad, const typename F::X* x,
+                    int64_t m_rows, float* out /* [M][g * 16] */) {
+  const int64_t steps = F::steps(k_pad), os = g * kRows;
+  const typename F::W* blocks[kMaxNB * 2];
+  for (int b = 0; b < g; ++b) blocks[b] = first + b * stride;
+  for (int64_t m0 = 0; m0 < m_rows; m0 += F::max_mt) {
+    const int mt = static_cast<int>(std::min<int64_t>(F::max_mt, m_rows - m0));
+    const int nb = F::nb_for(mt);
+    for (int b0 = 0; b0 < g; b0 += nb)
+      tile_any<F>(std::min(nb, g - b0), mt, m0 == 0, blocks + b0, steps, x + m0 * k_pad, k_pad,
+                  out + m0 * os + b0 * kRows, os);
+  }
+}
+
+// x[M, K] (bf16 or fp32, any strides) as the kernel reads it: [M, K_pad], zero-padded, in F::X.
+template <class X>
+std::vector<X> prepare_x(const at::Tensor& x, int64_t k_pad) {
+  const int64_t m_rows = x.size(0), k = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
+  std::vector<X> buf(static_cast<size_t>(m_rows * k_pad));
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const auto* src16 = bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
+  const float* src32 = bf16 ? nullptr : x.data_ptr<float>();
+  for (int64_t m = 0; m < m_rows; ++m) {
+    X* dst = buf.data() + m * k_pad;
+    if constexpr (sizeof(X) == 2) {  // bf16 activations for vdpbf16ps
+      if (bf16 && s1 == 1)
+        std::memcpy(dst, src16 + m * s0, k * sizeof(uint16_t));
+      else if (bf16)
+        for (int64_t i = 0; i < k; ++i) dst[i] = src16[m * s0 + i * s1];
+      else
+        for (int64_t i = 0; i < k; ++i) dst[i] = float_to_bf16_bits(src32[m * s0 + i * s1]);
+    } else {
+      if (!bf16 && s1 == 1)
+        std::memcpy(dst, src32 + m * s0, k * sizeof(float));
+      else if (!bf16)
+        for (int64_t i = 0; i < k; ++i) dst[i] = src32[m * s0 + i * s1];
+      else
+        for (int64_t i = 0; i < k; ++i) dst[i] = bf16_bits_to_float(src16[m * s0 + i * s1]);
+    }
+    std::fill(dst + k, dst + k_pad, X{0});
   }
   return buf;
 }
 
-// Writes out[m][n0 + r] for r < count from the fp32 block result (bias added, cast to the output type).
-template <typename T>
-inline void write_rows(const float* acc /* [M][16] */, int64_t m_rows, int64_t n0, int64_t count, const float* bias,
-                       T* y, int64_t n) {
-  for (int64_t m = 0; m < m_rows; ++m)
-    for (int64_t r = 0; r < count; ++r) {
-      float v = acc[m * kRows + r];
-      if (bias != nullptr) v += bias[n0 + r];
-      y[m * n + n0 + r] = static_cast<T>(v);
-    }
+// y[m][n0 + r] = acc[m][r] (+ bias), r < count, in y's dtype.
+inline void store_row(const float* acc, int64_t count, const float* bias, float* y) {
+  for (int64_t r = 0; r < count; ++r) y[r] = bias ? acc[r] + bias[r] : acc[r];
 }
-
-struct Checked {
-  int64_t m_rows, k_pad, kp_count, blocks;
-};
-
-Checked check_args(const at::Tensor& x, const at::Tensor& packed, int64_t blocks_per_group) {
-  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "qwen3 gemv: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2, "qwen3 gemv: x must be [M, K]");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
-              "qwen3 gemv: x must be bfloat16 or float32");
-  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kRows && packed.size(3) == 2 &&
-                  packed.scalar_type() == at::kBFloat16 && packed.is_contiguous(),
-              "qwen3 gemv: packed weight must be a contiguous bf16 [N_pad/16, K_pad/2, 16, 2] tensor");
-  const int64_t k_pad = packed.size(1) * 2;
-  TORCH_CHECK(k_pad % kKAlign == 0 && x.size(1) <= k_pad && x.size(1) > k_pad - kKAlign,
-              "qwen3 gemv: x has ", x.size(1), " features, the packed weight was made for K_pad=", k_pad);
-  TORCH_CHECK(packed.size(0) % blocks_per_group == 0, "qwen3 gemv: bad number of packed blocks");
-  return {x.size(0), k_pad, packed.size(1), packed.size(0)};
-}
-
-// Grain for at::parallel_for: hand every thread one contiguous, equal share of the blocks.
-inline int64_t grain_for(int64_t units) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  return std::max<int64_t>(1, (units + threads - 1) / threads);
-}
-
-// Runs fn(u0, u1) over [0, units) on torch's threads, one contiguous share each. (A dynamic schedule,
-// threads taking chunks of 1/4 or 1/16 of a share from an atomic counter, measured the same.)
-template <typename F>
-inline void parallel_units(int64_t units, const F& fn) {
-  at::parallel_for(0, units, grain_for(units), fn);
-}
-
-// y[M, N] = x[M, K] @ W^T (+ bias), W given packed. Output dtype = x's dtype.
-at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n,
-                         const std::optional<at::Tensor>& bias) {
-  const Checked c = check_args(x, packed, 1);
-  TORCH_CHECK(n > (c.blocks - 1) * kRows && n <= c.blocks * kRows, "qwen3 gemv: N does not match the packed weight");
-  at::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == n, "qwen3 gemv: bias must have N elements");
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
-  const float* bias_p = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  at::Tensor y = at::empty({c.m_rows, n}, x.options());
-  if (c.m_rows == 0) return y;
-  const std::vector<XElem> xbuf = prepare_x(x, c.k_pad);
-  const auto* w = reinterpret_cast<const uint32_t*>(packed.data_ptr<at::BFloat16>());
-  const int64_t block_pairs = c.kp_count * kRows;  // uint32 pairs per block
-  const bool out_bf16 = x.scalar_type() == at::kBFloat16;
-  void* y_raw = y.data_ptr();
-
-  parallel_units(c.blocks, [&](int64_t b0, int64_t b1) {
-    std::vector<float> acc(static_cast<size_t>(c.m_rows * kRows));
-    for (int64_t b = b0; b < b1; ++b) {
-      block_all_rows(w + b * block_pairs, c.kp_count, xbuf.data(), c.k_pad, c.m_rows, acc.data());
-      const int64_t n0 = b * kRows, count = std::min(kRows, n - n0);
-      if (out_bf16)
-        write_rows(acc.data(), c.m_rows, n0, count, bias_p, static_cast<at::BFloat16*>(y_raw), n);
-      else
-        write_rows(acc.data(), c.m_rows, n0, count, bias_p, static_cast<float*>(y_raw), n);
-    }
-  });
-  return y;
+inline void store_row(const float* acc, int64_t count, const float* bias, uint16_t* y) {
+  for (int64_t r = 0; r < count; ++r) y[r] = float_to_bf16_bits(bias ? acc[r] + bias[r] : acc[r]);
 }
 
 // g[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u, with exp computed as 2^round(t) * 2^f, t = -g*log2(e),
-// f in [-0.5, 0.5], 2^f by its degree-5 Taylor polynomial (relative error < 3e-6; the result is
-// rounded to bf16 or used in fp32 next to bf16 weights anyway). Unlike std::exp this loop is
-// branch-free and the compiler vectorises it (with -fno-trapping-math): std::exp made the fused
-// gate/up op ~25 us slower than the plain linear for Qwen3-0.6B's 3072 rows.
+// f in [-0.5, 0.5], 2^f by its degree-5 Taylor polynomial (relative error < 3e-6). Unlike std::exp this
+// loop is branch-free and the compiler vectorises it (with -fno-trapping-math).
 inline void silu_mul(float* __restrict g, const float* __restrict u, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float t = std::min(std::max(-g[i], -87.0f), 87.0f) * 1.44269504f;  // -g * log2(e)
-    // Round to nearest with the 1.5 * 2^23 trick: plain arithmetic, which vectorises where
-    // std::nearbyint (a libm call for the compiler) would not. |t| < 126, so it is exact.
+    // Round to nearest with the 1.5 * 2^23 trick: plain arithmetic, which vectorises where std::nearbyint
+    // (a libm call for the compiler) would not. |t| < 126, so it is exact.
     const float r = (t + 12582912.0f) - 12582912.0f;
     const float f = t - r;
     const float p =
@@ -389,41 +384,143 @@ inline void silu_mul(float* __restrict g, const float* __restrict u, int64_t n) 
   }
 }
 
-// silu(x @ Wg^T) * (x @ Wu^T) in one pass. The packed tensor interleaves the two matrices block by
-// block (gate block i, then up block i), so the thread that owns output rows [16i, 16i+16) streams
-// both halves contiguously and applies the activation while the results are still in registers/L1.
-at::Tensor packed_gate_up_silu(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
-  const Checked c = check_args(x, packed, 2);
-  const int64_t pairs = c.blocks / 2;
-  TORCH_CHECK(n > (pairs - 1) * kRows && n <= pairs * kRows, "qwen3 gemv: N does not match the packed weight");
-  at::Tensor y = at::empty({c.m_rows, n}, x.options());
-  if (c.m_rows == 0) return y;
-  const std::vector<XElem> xbuf = prepare_x(x, c.k_pad);
-  const auto* w = reinterpret_cast<const uint32_t*>(packed.data_ptr<at::BFloat16>());
-  const int64_t block_pairs = c.kp_count * kRows;
-  const bool out_bf16 = x.scalar_type() == at::kBFloat16;
-  void* y_raw = y.data_ptr();
+struct Packed {
+  bool f32;            // fp32 blocks [N_pad/16][K_pad][16], else bf16 pairs [N_pad/16][K_pad/2][16][2]
+  int64_t k_pad, blocks, block_elems;  // block_elems: W elements (pairs or floats) per block
+};
 
-  parallel_units(pairs, [&](int64_t p0, int64_t p1) {
-    std::vector<float> gate(static_cast<size_t>(c.m_rows * kRows)), up(gate.size());
-    for (int64_t p = p0; p < p1; ++p) {
-      block_all_rows(w + (2 * p) * block_pairs, c.kp_count, xbuf.data(), c.k_pad, c.m_rows, gate.data());
-      block_all_rows(w + (2 * p + 1) * block_pairs, c.kp_count, xbuf.data(), c.k_pad, c.m_rows, up.data());
-      // The reference rounds each projection to the activation dtype before the SiLU; here g and u
-      // stay in fp32 (slightly more accurate, never less).
-      silu_mul(gate.data(), up.data(), static_cast<int64_t>(gate.size()));
-      const int64_t n0 = p * kRows, count = std::min(kRows, n - n0);
-      if (out_bf16)
-        write_rows(gate.data(), c.m_rows, n0, count, nullptr, static_cast<at::BFloat16*>(y_raw), n);
-      else
-        write_rows(gate.data(), c.m_rows, n0, count, nullptr, static_cast<float*>(y_raw), n);
+Packed check_packed(const at::Tensor& packed) {
+  TORCH_CHECK(packed.device().is_cpu() && packed.is_contiguous(), "qwen3 gemv: packed weight must be contiguous CPU");
+  if (packed.scalar_type() == at::kFloat) {
+    TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kRows, "qwen3 gemv: fp32 packed weight must be [N_pad/16, K_pad, 16]");
+    return {true, packed.size(1), packed.size(0), packed.size(1) * kRows};
+  }
+  TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 && packed.size(2) == kRows &&
+                  packed.size(3) == 2,
+              "qwen3 gemv: bf16 packed weight must be [N_pad/16, K_pad/2, 16, 2]");
+  return {false, packed.size(1) * 2, packed.size(0), packed.size(1) * kRows};
+}
+
+void check_x(const at::Tensor& x, const Packed& p) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "qwen3 gemv: x must be a CPU [M, K] tensor");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "qwen3 gemv: x must be bfloat16 or float32");
+  TORCH_CHECK(p.k_pad % kKAlign == 0 && x.size(1) <= p.k_pad && x.size(1) > p.k_pad - kKAlign,
+              "qwen3 gemv: x has ", x.size(1), " features, the packed weight was made for K_pad=", p.k_pad);
+}
+
+// Grain for at::parallel_for: every thread one contiguous, equal share.
+inline int64_t grain_for(int64_t units) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return std::max<int64_t>(1, (units + threads - 1) / threads);
+}
+
+// Runs every group of blocks through `epilogue(first_block, g, acc)` after computing acc[M][g * 16]. A
+// group is whole units (`unit` blocks stay together: 2 for gate/up pairs), max(kMaxNB, unit) blocks at most.
+template <class F, class Epilogue>
+void run_groups(const at::Tensor& x, const at::Tensor& packed, const Packed& p, int64_t unit, const Epilogue& epilogue) {
+  const int64_t m_rows = x.size(0);
+  const std::vector<typename F::X> xbuf = prepare_x<typename F::X>(x, p.k_pad);
+  const auto* w = reinterpret_cast<const typename F::W*>(packed.data_ptr());
+  const int64_t units = p.blocks / unit;
+  const int64_t group_units = std::max<int64_t>(1, kMaxNB / unit);
+  at::parallel_for(0, units, grain_for(units), [&](int64_t u0, int64_t u1) {
+    std::vector<float> acc(static_cast<size_t>(m_rows * group_units * unit * kRows));
+    for (int64_t u = u0; u < u1; u += group_units) {
+      const int64_t gu = std::min(group_units, u1 - u);
+      const int g = static_cast<int>(gu * unit);
+      group_all_rows<F>(w + u * unit * p.block_elems, p.block_elems, g, p.k_pad, xbuf.data(), m_rows, acc.data());
+      epilogue(u * unit, g, acc.data());
     }
   });
+}
+
+template <class F>
+void linear_impl(const at::Tensor& x, const at::Tensor& packed, const Packed& p, int64_t n, const float* bias,
+                 at::Tensor& y) {
+  const int64_t m_rows = x.size(0);
+  const bool out_bf16 = y.scalar_type() == at::kBFloat16;
+  void* y_raw = y.data_ptr();
+  run_groups<F>(x, packed, p, 1, [&](int64_t b0, int g, const float* acc) {
+    const int64_t os = g * kRows, n0 = b0 * kRows, count = std::min<int64_t>(os, n - n0);
+    if (count <= 0) return;
+    const float* bp = bias ? bias + n0 : nullptr;
+    for (int64_t m = 0; m < m_rows; ++m) {
+      if (out_bf16)
+        store_row(acc + m * os, count, bp, static_cast<uint16_t*>(y_raw) + m * n + n0);
+      else
+        store_row(acc + m * os, count, bp, static_cast<float*>(y_raw) + m * n + n0);
+    }
+  });
+}
+
+template <class F>
+void gate_up_impl(const at::Tensor& x, const at::Tensor& packed, const Packed& p, int64_t n, at::Tensor& y) {
+  const int64_t m_rows = x.size(0);
+  const bool out_bf16 = y.scalar_type() == at::kBFloat16;
+  void* y_raw = y.data_ptr();
+  run_groups<F>(x, packed, p, 2, [&](int64_t b0, int g, const float* acc) {
+    // Blocks alternate gate, up: block b0 + 2j is pair (b0 / 2 + j)'s gate, b0 + 2j + 1 its up.
+    const int64_t os = g * kRows;
+    float gate[kRows];
+    for (int j = 0; 2 * j < g; ++j) {
+      const int64_t n0 = (b0 / 2 + j) * kRows, count = std::min<int64_t>(kRows, n - n0);
+      if (count <= 0) break;
+      for (int64_t m = 0; m < m_rows; ++m) {
+        const float* row = acc + m * os + 2 * j * kRows;
+        std::memcpy(gate, row, sizeof(gate));
+        silu_mul(gate, row + kRows, kRows);
+        if (out_bf16)
+          store_row(gate, count, nullptr, static_cast<uint16_t*>(y_raw) + m * n + n0);
+        else
+          store_row(gate, count, nullptr, static_cast<float*>(y_raw) + m * n + n0);
+      }
+    }
+  });
+}
+
+// y[M, N] = x[M, K] @ W^T (+ bias), W given packed. Output dtype = x's dtype.
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                         const std::optional<at::Tensor>& bias) {
+  const Packed p = check_packed(packed);
+  check_x(x, p);
+  TORCH_CHECK(n > (p.blocks - 1) * kRows && n <= p.blocks * kRows, "qwen3 gemv: N does not match the packed weight");
+  at::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == n, "qwen3 gemv: bias must have N elements");
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  const float* bias_p = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  if (x.size(0) == 0) return y;
+  if (p.f32)
+    linear_impl<F32Weights>(x, packed, p, n, bias_p, y);
+  else
+    linear_impl<Bf16Weights>(x, packed, p, n, bias_p, y);
   return y;
 }
 
-// Streams a bf16 buffer and returns a checksum: the memory-read roofline for the benchmark, using
-// the same threads and the same 64-byte loads as the kernels, with no arithmetic to speak of.
+// silu(x @ Wg^T) * (x @ Wu^T) in one pass. The packed tensor interleaves the two matrices block by block
+// (gate block i, then up block i), so the thread that owns output rows [16i, 16i+16) streams both halves
+// and applies the activation while the results are in L1. g and u stay in fp32 (the reference rounds each
+// to the activation dtype first: slightly more accurate here, never less).
+at::Tensor packed_gate_up_silu(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
+  const Packed p = check_packed(packed);
+  check_x(x, p);
+  TORCH_CHECK(p.blocks % 2 == 0, "qwen3 gemv: a gate/up weight has an even number of blocks");
+  const int64_t pairs = p.blocks / 2;
+  TORCH_CHECK(n > (pairs - 1) * kRows && n <= pairs * kRows, "qwen3 gemv: N does not match the packed weight");
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  if (x.size(0) == 0) return y;
+  if (p.f32)
+    gate_up_impl<F32Weights>(x, packed, p, n, y);
+  else
+    gate_up_impl<Bf16Weights>(x, packed, p, n, y);
+  return y;
+}
+
+// Streams a bf16 buffer and returns a checksum: the memory-read roofline for the benchmark, using the same
+// threads and the same 64-byte loads as the kernels, with no arithmetic to speak of.
 double read_bandwidth_probe(const at::Tensor& buf) {
   TORCH_CHECK(buf.is_contiguous() && buf.scalar_type() == at::kBFloat16, "read probe: contiguous bf16 tensor");
   const auto* p = reinterpret_cast<const uint32_t*>(buf.data_ptr<at::BFloat16>());
@@ -471,8 +568,8 @@ std::string kernel_path() { return QWEN3_PATH_NAME; }
 
 }  // namespace
 
-// The op namespace is a macro so that test builds (e.g. the emulated AVX-512 path) can be loaded into
-// the same process as the real one; the extra level of macros makes the preprocessor expand it.
+// The op namespace is a macro so that test builds (e.g. the emulated AVX-512 path) can be loaded into the
+// same process as the real one; the extra level of macros makes the preprocessor expand it.
 #ifndef QWEN3_OPS_NAMESPACE
 #define QWEN3_OPS_NAMESPACE qwen3_kernels
 #endif

@@ -1,5 +1,5 @@
-"""The serving engine: sequences, paged KV cache, scheduler, model runner, and the step loop."""
+"""The serving engine core: sequences, KV blocks, scheduler, input batch, attention backends, model runner, step loop."""
 
-from qwen3.engine.llm_engine import EngineConfig, LLMEngine, RequestError, StepOutput
+from qwen3.engine.llm_engine import EngineConfig, EngineOutput, LLMEngine, RequestError
 
-__all__ = ["EngineConfig", "LLMEngine", "RequestError", "StepOutput"]
+__all__ = ["EngineConfig", "EngineOutput", "LLMEngine", "RequestError"]

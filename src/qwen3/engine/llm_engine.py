@@ -1,10 +1,15 @@
-"""The engine: requests in, one batched model step at a time, token and text increments out.
+"""The engine core: token ids in, one batched model step at a time, token ids out. No text.
 
 ``step()`` schedules, runs the model once on every scheduled token, samples one token for each
-sequence whose pending tokens are all computed, then applies the per-request rules: thinking budget
-(insert the stop-thinking text), eos and stop token ids, stop strings across token boundaries,
-``max_tokens`` and ``max_model_len``. Everything above (the LLM API, streaming, the server) is built
-on ``add_request``/``step``/``abort``.
+sequence whose pending tokens are all computed, then applies the per-request rules that live at the
+token level: thinking budget (insert the stop-thinking ids), eos and stop token ids, ``max_tokens`` and
+``max_model_len``. Detokenization, stop strings, output parsing and usage belong to the front end
+(:mod:`qwen3.output_processor`, used by ``LLM`` and ``AsyncLLM``), which aborts a request when its text
+hits a stop string.
+
+A step that raises is retried sequence by sequence, so a request that breaks the step fails alone
+(with ``finish_reason="error"``) and the others carry on; results do not change by running alone, as the
+CPU engine is batch-invariant.
 """
 
 from __future__ import annotations
@@ -13,14 +18,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from qwen3.engine.block_manager import BlockManager
 from qwen3.engine.model_runner import ModelRunner
-from qwen3.engine.paged_attention import PagedKVCache
 from qwen3.engine.scheduler import Scheduler
 from qwen3.engine.sequence import Sequence, ThinkingBudget
 from qwen3.model import Qwen3ForCausalLM
-from qwen3.sampling import Sampler, SampleRequest, SamplingParams
-from qwen3.tokenizer import StreamingDetokenizer, Tokenizer
+from qwen3.sampling import Sampler, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +45,16 @@ class RequestError(ValueError):
 
 
 @dataclass
+class ThinkingTokens:
+    """The token ids the thinking controls need (from the tokenizer; absent without one)."""
+
+    think_start_id: int
+    think_end_id: int
+    stop_thinking_ids: list[int]  # STOP_THINKING_TEXT: inserted when a budget runs out
+    gap_ids: list[int]  # "\n\n": what follows </think> before the answer (and an answer prefix)
+
+
+@dataclass
 class EngineConfig:
     max_model_len: int
     num_blocks: int
@@ -47,66 +62,50 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     enable_prefix_caching: bool = True
+    eos_token_ids: frozenset[int] = frozenset()
+    thinking: ThinkingTokens | None = None
+    attention_backend: str | None = None  # "kernel", "torch", or None: the best that runs here
 
 
 @dataclass
-class StepOutput:
-    """What one step added to one request (what a stream yields)."""
+class EngineOutput:
+    """What one step added to one sequence (what a stream turns into a delta)."""
 
     request_id: str
     new_token_ids: list[int]
-    new_text: str
     finished: bool
-    finish_reason: str | None = None
-    new_logprobs: list = field(default_factory=list)
-    inserted_token_ids: list[int] = field(default_factory=list)  # the engine's (thinking budget), not sampled
-
-
-class _Request:
-    """Engine-side bookkeeping of one request: its sequence and its text so far."""
-
-    def __init__(self, seq: Sequence, detokenizer: StreamingDetokenizer) -> None:
-        self.seq = seq
-        self.detokenizer = detokenizer
-        self.text = ""
-        self.emitted = 0  # characters of text already handed out (the rest may be a stop-string prefix)
+    finish_reason: str | None = None  # "stop", "length", "abort", "error"
+    stop_reason: int | None = None  # the stop token id that ended it, if one did
+    logprobs: list = field(default_factory=list)  # aligned with new_token_ids; None for inserted ids
+    inserted_token_ids: list[int] = field(default_factory=list)  # the engine's own (thinking budget)
+    error: str | None = None  # why the sequence failed (finish_reason "error")
+    num_cached_tokens: int = 0  # on the last output: prompt tokens served by the prefix cache
+    metrics: dict[str, float] = field(default_factory=dict)  # on the last output: timings
 
 
 class LLMEngine:
-    def __init__(
-        self,
-        model: Qwen3ForCausalLM,
-        tokenizer: Tokenizer,
-        config: EngineConfig,
-        eos_token_ids: set[int],
-    ) -> None:
+    def __init__(self, model: Qwen3ForCausalLM, config: EngineConfig) -> None:
         self.model = model
-        self.tokenizer = tokenizer
         self.config = config
-        self.eos_token_ids = set(eos_token_ids)
         self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, config.num_blocks, config.block_size)
+        self.runner = ModelRunner(
+            model, config.num_blocks, config.block_size, config.max_num_seqs, config.max_model_len,
+            config.attention_backend,
+        )  # fmt: skip
         self.sampler = Sampler()
-        self.requests: dict[str, _Request] = {}
-        self.stop_thinking_ids = tokenizer.encode(STOP_THINKING_TEXT)
-        self.think_start_id = tokenizer.token_to_id("<think>")
-        self.think_end_id = tokenizer.token_to_id("</think>")
-        self.think_gap_ids = tokenizer.encode("\n\n")  # what follows </think> before the answer
+        self.requests: dict[str, Sequence] = {}
+        self.pending_inserted: dict[
+            str, list[int]
+        ] = {}  # ids inserted at admission, emitted with the first output
         self.num_steps = 0
-
-    @staticmethod
-    def num_blocks_for_memory(model: Qwen3ForCausalLM, block_size: int, memory_bytes: int) -> int:
-        c = model.config
-        per_block = PagedKVCache.bytes_per_block(
-            c.num_hidden_layers, block_size, c.num_key_value_heads, c.head_dim, model.dtype
-        )
-        return max(memory_bytes // per_block, 1)
 
     # --- requests ---------------------------------------------------------------------------------
 
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise :class:`RequestError` if ``add_request`` would refuse this prompt.
+    def check_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, thinking_budget: int | None = None
+    ) -> None:
+        """Raise :class:`RequestError` if ``add_request`` would refuse this request.
 
         Callable from any thread (it reads only fixed configuration), so a server can answer 400
         before it commits to a streaming response.
@@ -121,13 +120,21 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise RequestError("prompt", f"has token ids outside [0, {vocab})")
-        longest = min(limit, len(prompt_token_ids) + (params.max_tokens or limit))
-        if self.blocks.blocks_for(longest) > self.blocks.num_blocks:
+        if params.max_tokens is not None and len(prompt_token_ids) + params.max_tokens > limit:
             raise RequestError(
-                "prompt",
-                f"needs {self.blocks.blocks_for(longest)} KV-cache blocks at most; the cache has "
-                f"{self.blocks.num_blocks} (raise kv_cache_memory or lower max_tokens)",
+                "max_tokens",
+                f"{params.max_tokens} is too large: the context holds {limit} tokens and the prompt has "
+                f"{len(prompt_token_ids)}, so at most {limit - len(prompt_token_ids)} can be generated",
             )
+        if thinking_budget is not None:
+            if thinking_budget < 0:
+                raise RequestError("thinking_budget", f"must be >= 0, got {thinking_budget}")
+            if self.config.thinking is None:
+                raise RequestError(
+                    "thinking_budget", "needs <think> and </think> in the vocabulary (a tokenizer)"
+                )
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise RequestError("stop_token_ids", f"has token ids outside [0, {vocab})")
 
     def add_request(
         self,
@@ -140,32 +147,41 @@ class LLMEngine:
     ) -> None:
         """Queue a request. ``reasoning_started``: the prompt already opened ``<think>``.
 
-        ``answer_prefix_ids`` are inserted where the reasoning ends (after ``</think>\\n\\n``, whether the
-        model closed its thinking or the budget did), so the answer is forced to begin with them — how
-        a server makes a thinking model call a tool without cutting its thinking short.
+        ``thinking_budget`` caps the tokens generated inside ``<think>``; 0 with ``reasoning_started``
+        closes the thinking before the first token. ``answer_prefix_ids`` are inserted where the reasoning
+        ends (after ``</think>\\n\\n``, whether the model closed its thinking or the budget did), so the
+        answer is forced to begin with them — how a server makes a thinking model call a tool without
+        cutting its thinking short.
         """
         if request_id in self.requests:
             raise RequestError("request_id", f"{request_id!r} is already running")
-        self.check_request(prompt_token_ids, params)
-        seq = Sequence(request_id, list(prompt_token_ids), params)
-        seq.answer_prefix_ids = list(answer_prefix_ids or [])
-        tracked = thinking_budget is not None or seq.answer_prefix_ids
-        if tracked and self.think_start_id is not None and self.think_end_id is not None:
-            seq.thinking = ThinkingBudget(thinking_budget, self.think_start_id, self.think_end_id)
+        answer_prefix_ids = list(answer_prefix_ids or [])
+        self.check_request(prompt_token_ids, params, thinking_budget)
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params)
+        seq.answer_prefix_ids = answer_prefix_ids
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        tokens = self.config.thinking
+        if (thinking_budget is not None or answer_prefix_ids) and tokens is not None:
+            seq.thinking = ThinkingBudget(thinking_budget, tokens.think_start_id, tokens.think_end_id)
             seq.thinking.inside = reasoning_started
-            if reasoning_started and thinking_budget is not None and thinking_budget <= 0:
+            if reasoning_started and thinking_budget == 0:
                 seq.thinking.close()
-                seq.token_ids.extend(self.stop_thinking_ids + seq.answer_prefix_ids)
-        self.requests[request_id] = _Request(seq, self.tokenizer.detokenizer(skip_special_tokens=True))
+                inserted = tokens.stop_thinking_ids + answer_prefix_ids
+                seq.token_ids.extend(inserted)
+                self.pending_inserted[request_id] = inserted
+        self.requests[request_id] = seq
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks; False if it is not running."""
-        request = self.requests.pop(request_id, None)
-        if request is None:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
             return False
-        self.scheduler.finish(request.seq)
-        request.seq.finish_reason = "abort"
+        self.pending_inserted.pop(request_id, None)
+        self.scheduler.finish(seq)
+        self.runner.remove(seq)
+        seq.finish_reason = "abort"
         return True
 
     def has_unfinished(self) -> bool:
@@ -173,103 +189,104 @@ class LLMEngine:
 
     # --- the step ---------------------------------------------------------------------------------
 
-    def step(self) -> list[StepOutput]:
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
+    def step(self) -> list[EngineOutput]:
+        out = self.scheduler.schedule()
+        for seq in out.preempted:
+            self.runner.remove(seq)
+        if not out.scheduled:
             return []
         self.num_steps += 1
+        try:
+            return self._execute(out.scheduled)
+        except Exception:
+            logger.exception("engine step failed; retrying its %d sequences one by one", len(out.scheduled))
+        outputs: list[EngineOutput] = []
+        for item in out.scheduled:
+            try:
+                outputs += self._execute([item])
+            except Exception as exc:
+                logger.exception("request %s failed", item[0].request_id)
+                outputs.append(self._fail(item[0], f"{type(exc).__name__}: {exc}"))
+        return outputs
+
+    @torch.inference_mode()
+    def _execute(self, scheduled: list[tuple[Sequence, int]]) -> list[EngineOutput]:
+        """Run and sample (may fail: nothing about a sequence has changed yet), then commit the results."""
         sampled, logits = self.runner.run(scheduled)
+        result = None
+        if sampled:
+            result = self.sampler(logits, self.runner.batch.sampling_batch(sampled))
+            self.runner.batch.record(sampled, [[t] for t in result.token_ids])
         for seq, n in scheduled:
             seq.num_computed += n
             self.blocks.commit(seq)
-        if not sampled:
+        if result is None:
             return []
-        rows = [SampleRequest(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in sampled]
-        result = self.sampler(logits, rows)
         now = time.perf_counter()
-        outputs = []
-        for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
-            outputs.append(self._append(seq, token, logprob, now))
-        return outputs
+        return [
+            self._append(seq, token, logprob, now)
+            for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True)
+        ]
 
-    def _append(self, seq: Sequence, token: int, logprob, now: float) -> StepOutput:
-        request = self.requests[seq.request_id]
+    def _append(self, seq: Sequence, token: int, logprob, now: float) -> EngineOutput:
         params = seq.params
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.token_ids.append(token)
-        seq.logprobs.append(logprob)
-        new_ids = [token]
+        new_ids = self.pending_inserted.pop(seq.request_id, []) + [token]
+        logprobs = [None] * (len(new_ids) - 1) + [logprob]
         inserted: list[int] = []
         finish = None
-        if token in self.eos_token_ids and not params.ignore_eos:
-            finish, seq.stop_reason = "stop", None
+        if token in self.config.eos_token_ids and not params.ignore_eos:
+            finish = "stop"
         elif token in params.stop_token_ids:
             finish, seq.stop_reason = "stop", token
-        else:
-            request.text += request.detokenizer.add(token)
-            thinking = seq.thinking
-            if thinking is not None and not thinking.finished:
-                if thinking.observe(token):  # the budget is spent: close the reasoning ourselves
-                    thinking.close()
-                    inserted = self.stop_thinking_ids + seq.answer_prefix_ids
-                elif thinking.finished and seq.answer_prefix_ids:  # the model closed it
-                    inserted = self.think_gap_ids + seq.answer_prefix_ids
+        elif seq.thinking is not None and not seq.thinking.finished:
+            tokens = self.config.thinking
+            if seq.thinking.observe(token):  # the budget is spent: close the reasoning ourselves
+                seq.thinking.close()
+                inserted = tokens.stop_thinking_ids + seq.answer_prefix_ids
+            elif seq.thinking.finished and seq.answer_prefix_ids:  # the model closed it
+                inserted = tokens.gap_ids + seq.answer_prefix_ids
             if inserted:
                 seq.token_ids.extend(inserted)
-                seq.logprobs.extend([None] * len(inserted))
-                new_ids += inserted
-                request.text += request.detokenizer.add(inserted)
-            finish = self._check_stop_strings(request)
+                self.runner.batch.record([seq], [inserted])
         if finish is None and (
             params.max_tokens is not None
             and seq.num_output_tokens >= params.max_tokens
             or seq.num_tokens >= self.config.max_model_len
         ):
             finish = "length"
+        output = EngineOutput(
+            seq.request_id, new_ids + inserted, finish is not None, finish, seq.stop_reason,
+            logprobs + [None] * len(inserted), new_ids[:-1] + inserted,
+        )  # fmt: skip
         if finish is not None:
-            if not isinstance(seq.stop_reason, str):  # a stop string already cut the text where it ends
-                request.text += request.detokenizer.flush()
-            seq.finish_reason = finish
-            seq.finish_time = now
-            self.scheduler.finish(seq)
-        new_text = self._releasable_text(request, finished=finish is not None)
-        if finish is not None:
-            del self.requests[seq.request_id]
-        return StepOutput(
-            seq.request_id,
-            new_ids,
-            new_text,
-            finish is not None,
-            finish,
-            seq.logprobs[-len(new_ids) :],
-            inserted,
-        )
+            self._finish(seq, finish, now, output)
+        return output
 
-    def _check_stop_strings(self, request: _Request) -> str | None:
-        stops = request.seq.params.stop
-        if not stops:
-            return None
-        window_start = max(0, request.emitted - max(len(s) for s in stops))
-        hits = [(request.text.find(s, window_start), s) for s in stops]
-        hits = [(i, s) for i, s in hits if i >= 0]
-        if not hits:
-            return None
-        index, stop = min(hits)
-        request.text = request.text[:index]
-        request.seq.stop_reason = stop
-        return "stop"
+    def _fail(self, seq: Sequence, error: str) -> EngineOutput:
+        output = EngineOutput(seq.request_id, [], True, "error", error=error)
+        self._finish(seq, "error", time.perf_counter(), output)
+        return output
 
-    def _releasable_text(self, request: _Request, finished: bool) -> str:
-        """New text that cannot turn out to be the start of a stop string (held back until it can't)."""
-        end = len(request.text)
-        if not finished:
-            for stop in request.seq.params.stop:
-                for k in range(min(len(stop) - 1, end), 0, -1):
-                    if request.text.endswith(stop[:k]):
-                        end = min(end, len(request.text) - k)
-                        break
-        end = max(end, request.emitted)
-        new = request.text[request.emitted : end]
-        request.emitted = end
-        return new
+    def _finish(self, seq: Sequence, reason: str, now: float, output: EngineOutput) -> None:
+        seq.finish_reason, seq.finish_time = reason, now
+        self.scheduler.finish(seq)
+        self.runner.remove(seq)
+        self.requests.pop(seq.request_id, None)
+        self.pending_inserted.pop(seq.request_id, None)
+        output.num_cached_tokens = seq.num_prefix_cached
+        output.metrics = _metrics(seq)
+
+
+def _metrics(seq: Sequence) -> dict[str, float]:
+    end = seq.finish_time or seq.arrival_time
+    first = seq.first_token_time or end
+    n = seq.num_output_tokens
+    return {
+        "time_to_first_token_s": first - seq.arrival_time,
+        "total_time_s": end - seq.arrival_time,
+        "decode_tokens_per_s": (n - 1) / (end - first) if n > 1 and end > first else 0.0,
+        "preemptions": float(seq.num_preemptions),
+    }

@@ -5,15 +5,23 @@ tokens (1 when decoding; a prompt chunk or inserted text otherwise) as far as th
 long prompts are prefilled in chunks between decode steps. Waiting sequences join while budget,
 ``max_num_seqs`` and free blocks allow. When the cache is full, the youngest running sequence is
 preempted: its blocks are released and it goes back to the front of the queue, to be recomputed
-(mostly from the prefix cache) later. Nothing is ever dropped.
+(mostly from the prefix cache) later. Nothing is ever dropped. How the step's rows are laid out for
+the model is the runner's business, not the scheduler's.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
 
 from qwen3.engine.block_manager import BlockManager
 from qwen3.engine.sequence import Sequence, Status
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens to compute)
+    preempted: list[Sequence] = field(default_factory=list)  # left the running batch this step
 
 
 class Scheduler:
@@ -33,26 +41,26 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         """Take a sequence out of the queues and free its blocks (finished or aborted)."""
-        if seq in self.running:
+        if seq.status is Status.RUNNING:
             self.running.remove(seq)
-        elif seq in self.waiting:
+        elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
         self.blocks.release(seq)
         seq.status = Status.FINISHED
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
         self.blocks.release(seq)
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+        out.preempted.append(seq)
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
-        """The (sequence, number of tokens to compute) pairs of the next step, decodes first."""
+    def schedule(self) -> SchedulerOutput:
+        """The (sequence, number of tokens to compute) pairs of the next step."""
+        out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        scheduled: list[tuple[Sequence, int]] = []
-        preempted = False
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -61,24 +69,22 @@ class Scheduler:
             n = min(seq.num_pending, budget)
             while not self.blocks.reserve(seq, n):
                 victim = self.running[-1]
-                self._preempt(victim)
-                preempted = True
+                self._preempt(victim, out)
                 if victim is seq:
                     break
             if seq.status is Status.RUNNING:
-                scheduled.append((seq, n))
+                out.scheduled.append((seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             self.blocks.match_prefix(seq)
             n = min(seq.num_pending, budget)
             if not self.blocks.reserve(seq, n):
+                self.blocks.release(seq)  # waiting sequences hold no blocks (its prefix hits stay cached)
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            scheduled.append((seq, n))
+            out.scheduled.append((seq, n))
             budget -= n
-        # Single-token rows first: the attention backend batches them together.
-        scheduled.sort(key=lambda item: item[1] != 1)
-        return scheduled
+        return out

@@ -1,4 +1,4 @@
-"""A request's state inside the engine: its tokens, how many are in the KV cache, its blocks."""
+"""A request's state inside the engine: its tokens, how many are in the KV cache, its blocks. Tokens only."""
 
 from __future__ import annotations
 
@@ -50,33 +50,35 @@ class ThinkingBudget:
         self.inside, self.finished = False, True
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
+    """One sequence of a request (a request with ``n`` choices is ``n`` sequences).
+
+    ``token_ids`` is the prompt followed by every generated or engine-inserted token; the first
+    ``num_computed`` of them have their keys and values in the cache. Compared by identity.
+    """
+
     request_id: str
-    prompt_token_ids: list[int]
+    token_ids: list[int]  # prompt + generated (and inserted) tokens
+    num_prompt_tokens: int
     params: SamplingParams
-    token_ids: list[int] = field(default_factory=list)  # prompt + generated (and inserted) tokens
     num_computed: int = 0  # leading tokens whose keys/values are in the cache
     num_prefix_cached: int = 0  # of those, how many came from the prefix cache
     block_table: list[int] = field(default_factory=list)
-    num_hashed_blocks: int = 0
+    block_hashes: list[bytes] = field(
+        default_factory=list
+    )  # chain hash of each full block, kept across preemption
+    num_committed_blocks: int = 0  # leading blocks registered in the prefix cache
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # the request's own random stream (seeded requests)
     thinking: ThinkingBudget | None = None
     answer_prefix_ids: list[int] = field(default_factory=list)  # inserted where the reasoning ends
-    logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.token_ids:
-            self.token_ids = list(self.prompt_token_ids)
-        if self.params.seed is not None and self.generator is None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     @property
     def num_tokens(self) -> int:
@@ -88,12 +90,17 @@ class Sequence:
         return len(self.token_ids) - self.num_computed
 
     @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_token_ids) :]
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - len(self.prompt_token_ids)
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        """A copy (O(length)): for results, never for the per-step path."""
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def finished(self) -> bool:

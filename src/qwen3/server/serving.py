@@ -117,12 +117,15 @@ class ServerState:
             name = param_name(exc.field)
             raise APIError(400, f"{name}: {str(exc).partition(': ')[2]}", param=name) from None
 
-    def check_prompt(self, prompt_ids: list[int], params: SamplingParams, param: str) -> None:
+    def check_prompt(
+        self, prompt_ids: list[int], params: SamplingParams, param: str, thinking_budget: int | None = None
+    ) -> None:
         """400 now for what the engine would refuse later (too long for the context, unknown ids)."""
         try:
-            self.llm.engine.check_request(prompt_ids, params)
+            self.llm.engine.check_request(prompt_ids, params, thinking_budget)
         except RequestError as exc:
-            raise APIError(400, f"{param}: {str(exc).partition(': ')[2]}", param=param) from None
+            name = param if exc.field == "prompt" else exc.field
+            raise APIError(400, f"{name}: {str(exc).partition(': ')[2]}", param=name) from None
 
 
 def new_id(prefix: str) -> str:
