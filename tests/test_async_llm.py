@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
-from qwen3.async_llm import AsyncLLM
+from qwen3.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
 from qwen3.engine.llm_engine import RequestError
 from qwen3.llm import LLM
 from qwen3.sampling import SamplingParams
@@ -84,3 +85,70 @@ def test_chat_stream_splits_reasoning_and_content(front):
                        chat_template=template)  # fmt: skip
     assert reasoning == offline.reasoning and content == offline.content
     assert "Considering the limited time" in reasoning  # the inserted text streams as reasoning
+
+
+def test_a_closed_consumer_loop_fails_only_its_request(front):
+    """A stream whose event loop is gone is aborted; streams on live loops go on."""
+    ids = front.llm.tokenizer.encode("Abandoned")
+    dead_loop = asyncio.new_event_loop()
+    agen = front.stream(ids, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+    dead_loop.run_until_complete(agen.__anext__())
+    dead_loop.close()  # its consumer never comes back, and never closes the generator
+    survivors = collect(front, ["Hello world"])
+    assert survivors[0][-1].finished and sum(len(d.token_ids) for d in survivors[0]) == 20
+    for _ in range(200):
+        if not front.engine.has_unfinished():
+            break
+        time.sleep(0.02)
+    assert not front.engine.has_unfinished()
+    assert front.engine.blocks.num_free == front.engine.blocks.num_blocks
+
+
+def test_a_failing_request_and_a_dead_engine(tiny_checkpoint, monkeypatch):
+    llm = LLM(str(tiny_checkpoint), max_model_len=256, kv_cache_memory="8MiB", progress=False)
+    front = AsyncLLM(llm)
+    real_run = llm.engine.runner.run
+
+    def run(scheduled):
+        if any(seq.request_id == "bad" for seq, _ in scheduled):
+            raise RuntimeError("only this one")
+        return real_run(scheduled)
+
+    monkeypatch.setattr(llm.engine.runner, "run", run)
+
+    async def main():
+        async def consume(request_id: str):
+            return [d async for d in front.stream(llm.tokenizer.encode("Hi"), GREEDY, request_id)]
+
+        return await asyncio.gather(consume("bad"), consume("good"), return_exceptions=True)
+
+    bad, good = asyncio.run(main())
+    assert isinstance(bad, RequestFailedError) and "only this one" in str(bad)
+    assert good[-1].finish_reason == "length" and front.is_alive()
+
+    def broken_step():
+        raise SystemError("broken")
+
+    monkeypatch.setattr(llm.engine, "step", broken_step)
+
+    async def waiting():
+        return [d async for d in front.stream(llm.tokenizer.encode("Hi"), GREEDY)]
+
+    with pytest.raises(EngineDeadError, match="broken"):
+        asyncio.run(waiting())
+    assert not front.is_alive()
+    with pytest.raises(EngineDeadError):
+        asyncio.run(waiting())
+    front.shutdown()
+
+
+def test_budget_zero_streams_like_offline_on_a_thinking_template(front, spec_dir):
+    template = (spec_dir / "templates" / "qwen3_thinking_2507_chat_template.jinja").read_text()
+    llm, params = front.llm, GREEDY.replace(max_tokens=40)
+    messages = [{"role": "user", "content": "Hi"}]
+    request = llm.prepare_chat(messages, params, thinking_budget=0, chat_template=template)
+    deltas = list(front.stream_chat_sync(request))
+    offline = llm.chat(messages, params, thinking_budget=0, chat_template=template)
+    assert "".join(d.reasoning for d in deltas) == offline.reasoning
+    assert "".join(d.content for d in deltas) == offline.content
+    assert offline.reasoning.startswith("Considering the limited time")

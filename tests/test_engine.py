@@ -207,3 +207,103 @@ def test_abort_frees_blocks(llm):
     assert engine.blocks.num_used > 0
     assert engine.abort("a") and not engine.abort("a")
     assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.has_unfinished()
+
+
+# --- thinking control whatever the template -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def thinking_2507(spec_dir) -> str:
+    return (spec_dir / "templates" / "qwen3_thinking_2507_chat_template.jinja").read_text()
+
+
+@pytest.mark.parametrize("how", [{"thinking_budget": 0}, {"enable_thinking": False}])
+def test_budget_zero_closes_a_template_opened_think_at_once(llm, thinking_2507, how):
+    """Thinking-2507's template opens <think> itself; non-thinking must still mean no thinking."""
+    messages = [{"role": "user", "content": "Hi"}]
+    params = GREEDY.replace(max_tokens=40)
+    request = llm.prepare_chat(messages, params, chat_template=thinking_2507, **how)
+    assert request.reasoning_started and request.thinking_budget == 0
+    out = llm.chat(messages, params, chat_template=thinking_2507, **how)
+    stop_ids = llm.tokenizer.encode(STOP_THINKING_TEXT)
+    assert out.token_ids[: len(stop_ids)] == stop_ids  # closed before the first sampled token
+    assert out.reasoning == STOP_THINKING_TEXT.split("</think>")[0].strip("\n")
+    assert out.usage["reasoning_tokens"] == stop_ids.index(llm.tokenizer.token_to_id("</think>")) + 1
+    assert len(out.token_ids) == 40 and out.finish_reason == "length"  # the inserted ids count as output
+    thinking = llm.chat(messages, params, chat_template=thinking_2507)  # and with thinking on, it thinks
+    assert thinking.token_ids[: len(stop_ids)] != stop_ids and thinking.content == ""
+
+
+def test_budget_zero_with_a_forced_tool_call_on_a_thinking_template(llm, thinking_2507):
+    prefix = '<tool_call>\n{"name": "f", "arguments": '
+    request = llm.prepare_chat(
+        [{"role": "user", "content": "Hi"}], GREEDY, thinking_budget=0, chat_template=thinking_2507,
+        answer_prefix=prefix,
+    )  # fmt: skip
+    assert request.reasoning_started and request.answer_prefix_ids == llm.tokenizer.encode(prefix)
+    out = llm.chat(
+        [{"role": "user", "content": "Hi"}], GREEDY, thinking_budget=0, chat_template=thinking_2507,
+        answer_prefix=prefix,
+    )  # fmt: skip
+    assert out.text.split("</think>\n\n", 1)[1].startswith(prefix)
+
+
+# --- tokenizer options -------------------------------------------------------------------------------------
+
+
+def test_tokenizer_from_another_folder_and_token_ids_only(tiny_checkpoint, tmp_path):
+    import shutil
+
+    weights_only = tmp_path / "weights"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(tiny_checkpoint / name, weights_only / name)
+    with pytest.raises(FileNotFoundError):
+        make(weights_only, kv_cache_memory="8MiB")
+    reference = make(tiny_checkpoint, kv_cache_memory="8MiB").generate(PROMPTS[:2], GREEDY)
+    separate = make(weights_only, tokenizer=str(tiny_checkpoint), kv_cache_memory="8MiB")
+    assert [o.token_ids for o in separate.generate(PROMPTS[:2], GREEDY)] == [o.token_ids for o in reference]
+    ids_only = make(weights_only, skip_tokenizer_init=True, kv_cache_memory="8MiB")
+    assert ids_only.tokenizer is None
+    outs = ids_only.generate([o.prompt_token_ids for o in reference], GREEDY)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in reference] and outs[0].text == ""
+    assert ids_only.engine.config.eos_token_ids >= {151645, 151643}  # from generation_config.json
+    with pytest.raises(ValueError, match="tokenizer"):
+        ids_only.generate("text", GREEDY)
+    with pytest.raises(ValueError, match="tokenizer"):
+        ids_only.chat([{"role": "user", "content": "Hi"}])
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        ids_only.generate([[1, 2, 3]], GREEDY.replace(stop=["x"]))
+    with pytest.raises(RequestError, match="thinking_budget"):
+        ids_only.engine.add_request("b", [1, 2, 3], GREEDY, thinking_budget=4)
+
+
+# --- one request cannot hurt another ------------------------------------------------------------------
+
+
+def test_a_request_that_breaks_the_step_fails_alone(llm, monkeypatch):
+    """A step that raises is retried sequence by sequence: the culprit fails, the others are unchanged."""
+    expected = {p: alone(llm, p) for p in PROMPTS}
+    engine = llm.engine
+    real_run = engine.runner.run
+
+    def run(scheduled):
+        if any(seq.request_id == "poison" for seq, _ in scheduled):
+            raise RuntimeError("boom")
+        return real_run(scheduled)
+
+    monkeypatch.setattr(engine.runner, "run", run)
+    engine.add_request("poison", llm.tokenizer.encode("poisoned prompt"), GREEDY)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"r{i}", llm.tokenizer.encode(prompt), GREEDY)
+    tokens: dict[str, list[int]] = {}
+    finish: dict[str, tuple] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finished:
+                finish[out.request_id] = (out.finish_reason, out.error)
+    assert finish["poison"] == ("error", "RuntimeError: boom") and tokens["poison"] == []
+    for i, prompt in enumerate(PROMPTS):
+        assert tokens[f"r{i}"] == expected[prompt] and finish[f"r{i}"] == ("length", None)
+    assert engine.blocks.num_free == engine.blocks.num_blocks and len(engine.runner.batch) == 0

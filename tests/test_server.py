@@ -25,6 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from qwen3.chat import render
+from qwen3.engine.llm_engine import STOP_THINKING_TEXT
 from qwen3.llm import LLM
 from qwen3.sampling import RECOMMENDED, SampleResult, SamplingParams
 from qwen3.server import ServerConfig
@@ -619,3 +620,48 @@ def test_serve_command_queue_limit_and_graceful_sigterm(tiny_checkpoint):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_budget_zero_on_a_template_that_always_thinks(tiny_checkpoint, spec_dir):
+    """A server whose template opens <think> itself (Thinking-2507): budget 0 and enable_thinking false
+    still close the reasoning at once, streamed or not, exactly as offline."""
+    template = (spec_dir / "templates" / "qwen3_thinking_2507_chat_template.jinja").read_text()
+    llm = LLM(str(tiny_checkpoint), kv_cache_memory="8MiB", progress=False)
+    stop_reasoning = STOP_THINKING_TEXT.split("</think>")[0].strip("\n")
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    offline = llm.chat(HI, params, thinking_budget=0, chat_template=template)
+    assert offline.reasoning == stop_reasoning
+    config = ServerConfig(["tiny"], chat_template=template)
+    with (
+        live_server(llm, config) as live,
+        openai.OpenAI(base_url=live.base_url, api_key="x", max_retries=0) as client,
+    ):
+        for extra in ({"thinking_budget": 0}, {"chat_template_kwargs": {"enable_thinking": False}}):
+            common = dict(model="tiny", messages=HI, temperature=0, max_tokens=40,
+                          extra_body={**extra, "ignore_eos": True})  # fmt: skip
+            message = client.chat.completions.create(**common).choices[0].message
+            assert (message.reasoning_content, message.content) == (offline.reasoning, offline.content)
+            chunks = list(client.chat.completions.create(stream=True, **common))
+            deltas = [c.delta for ch in chunks for c in ch.choices]
+            reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+            assert reasoning == stop_reasoning
+            assert "".join(d.content or "" for d in deltas) == offline.content
+
+
+def test_health_says_when_the_engine_thread_died(tiny_checkpoint, monkeypatch):
+    llm = LLM(str(tiny_checkpoint), kv_cache_memory="8MiB", progress=False)
+
+    def broken_step():
+        raise SystemError("the engine is broken")
+
+    with live_server(llm, ServerConfig(["tiny"])) as live:
+        assert httpx.get(live.url + "/health").status_code == 200
+        monkeypatch.setattr(llm.engine, "step", broken_step)
+        body = {"model": "tiny", "messages": HI, "max_tokens": 5, "stream": True}
+        with httpx.stream("POST", live.base_url + "/chat/completions", json=body, timeout=30) as response:
+            lines = [line for line in response.iter_lines() if line.startswith("data:")]
+        assert lines[-1] == "data: [DONE]" and "the engine stopped" in lines[-2]
+        health = httpx.get(live.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "engine stopped"
+        refused = httpx.post(live.base_url + "/chat/completions", json={**body, "stream": False}, timeout=30)
+        assert refused.status_code == 503

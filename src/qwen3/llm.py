@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from qwen3 import kernels
 from qwen3.chat import THINK_OPEN, ToolCall, parse_output, reasoning_opened, render, soft_switch
-from qwen3.checkpoint import load_model
+from qwen3.checkpoint import load_config, load_model
+from qwen3.config import parse_dtype
 from qwen3.engine.llm_engine import STOP_THINKING_TEXT, EngineConfig, LLMEngine, ThinkingTokens
 from qwen3.engine.memory import default_budget, plan_kv_cache
 from qwen3.hub import resolve_model_dir
@@ -155,21 +156,26 @@ class LLM:
         folder = default_model_dir() if model is None else resolve_model_dir(model)
         self.model_dir = folder
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        max_num_batched_tokens = max(max_num_batched_tokens, 1)
+        memory = parse_memory(kv_cache_memory)
+        plan = None
+        if memory is not None:  # sized by the caller: check it before spending time on the weights
+            config = load_config(folder)
+            cache_dtype = parse_dtype(dtype) or config.torch_dtype or torch.float32
+            plan = plan_kv_cache(
+                config, cache_dtype, memory, "kv_cache_memory", block_size, max_num_seqs, max_model_len
+            )
         self.model = load_model(folder, dtype=dtype, device=device, progress=progress)
         if self.model.use_cpu_kernels():
             logger.info("using qwen3's CPU kernels (%s)", kernels.kernel_isa())
         self.tokenizer = None if skip_tokenizer_init else Tokenizer.from_pretrained(tokenizer or folder)
         self.generation_config = _read_json(folder / "generation_config.json")
-        max_num_batched_tokens = max(max_num_batched_tokens, 1)
-        memory = parse_memory(kv_cache_memory)
-        if memory is not None:
-            budget, source = memory, "kv_cache_memory"
-        else:
+        if plan is None:  # a share of what is free now that the weights are in
             peak = self._activation_peak(max_num_batched_tokens, max_num_seqs) if device.type == "cuda" else 0
             budget, source = default_budget(device, kv_cache_fraction, peak)
-        plan = plan_kv_cache(
-            self.model.config, self.model.dtype, budget, source, block_size, max_num_seqs, max_model_len
-        )
+            plan = plan_kv_cache(
+                self.model.config, self.model.dtype, budget, source, block_size, max_num_seqs, max_model_len
+            )
         engine_config = EngineConfig(
             max_model_len=plan.max_model_len,
             num_blocks=plan.num_blocks,
@@ -186,7 +192,7 @@ class LLM:
         self.lock = threading.RLock()
         logger.info(
             "KV cache: %d blocks of %d tokens (%.0f MiB; %s), max_model_len %d, attention: %s",
-            plan.num_blocks, block_size, plan.memory_bytes / 2**20, source, plan.max_model_len,
+            plan.num_blocks, block_size, plan.memory_bytes / 2**20, plan.budget_source, plan.max_model_len,
             type(self.engine.runner.backend).__name__,
         )  # fmt: skip
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from qwen3.engine.attention import AttentionMetadata, KVPool, make_backend
 from qwen3.device import index_tensor, to_device
+from qwen3.engine.attention import AttentionMetadata, KVPool, make_backend
 from qwen3.engine.input_batch import InputBatch
 from qwen3.engine.sequence import Sequence
 from qwen3.model import Qwen3ForCausalLM
@@ -88,7 +88,9 @@ class ModelRunner:
         )
         self.backend.prepare(meta)
         ids = index_tensor(token_ids, device)[None]
-        hidden = self.model.hidden_states(ids, to_device(positions, device)[None], self.backend, max(seq_lens))
+        hidden = self.model.hidden_states(
+            ids, to_device(positions, device)[None], self.backend, max(seq_lens)
+        )
         if not last_rows:
             return sampled, hidden.new_empty(0)
         logits = self.model.compute_logits(hidden[0, index_tensor(last_rows, device)])
