@@ -230,12 +230,13 @@ def test_avx512_path() -> None:
     for n, k, m in [(37, 70, 1), (64, 1024, 2), (33, 100, 3), (16, 64, 8), (50, 64, 11)]:
         w = torch.randn(n, k, generator=g).bfloat16()
         bias = torch.randn(n, generator=g)
-        data = kernels._blocks(w)
+        group = int(ops.kernel_group())
+        data = kernels._blocks(w, group)
         for dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(m, k, generator=g).to(dtype)
             _assert_close(ops.packed_linear(x, data, n, bias), _reference(x, w, bias))
         gate, up = w, torch.randn(n, k, generator=g).bfloat16()
-        pair = torch.stack([kernels._blocks(gate), kernels._blocks(up)], dim=1).reshape(-1, *data.shape[1:])
+        pair = kernels._gate_up_blocks(gate, up, group)
         x = torch.randn(m, k, generator=g).bfloat16()
         ref = F.silu(_reference(x, gate)) * _reference(x, up)
         _assert_close(ops.packed_gate_up_silu(x, pair, n), ref)

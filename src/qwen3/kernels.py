@@ -261,8 +261,8 @@ def kernel_isa() -> str | None:
 class PackedWeight:
     """A linear weight prepared for ``packed_linear`` / ``packed_gate_up_silu``.
 
-    ``data`` is the packed tensor when the kernel is in use: bf16 ``[ceil(N/16) (x2 for gate/up), K_pad/2,
-    16, 2]`` or fp32 ``[ceil(N/16) (x2), K_pad, 16]``; otherwise ``data`` is None and ``weight`` keeps the
+    ``data`` is the packed tensor when the kernel is in use (see ``_blocks``: groups of blocks of 16 rows,
+    gate and up blocks alternating for a gate/up pair); otherwise ``data`` is None and ``weight`` keeps the
     original ``[N, K]`` weight (``[2N, K]``, gate rows then up rows, for gate/up) for the ``F.linear``
     fallback.
     """
@@ -279,16 +279,40 @@ class PackedWeight:
         return 0 if t is None else t.numel() * t.element_size()
 
 
-def _blocks(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> zero-padded blocks of 16 rows: bf16 ``[ceil(N/16), K_pad/2, 16, 2]`` (per k pair, 16x2
-    weights) or fp32 ``[ceil(N/16), K_pad, 16]`` (per k, 16 weights)."""
+def kernel_group() -> int:
+    """Blocks of 16 rows per packed group on the loaded kernel path (4 for AVX-512, 2 for AVX2)."""
+    group = _state.get("group")
+    if group is None:
+        ops = _ops()
+        group = _state["group"] = 1 if ops is None else int(ops.kernel_group())
+    return group
+
+
+def _blocks(weight: torch.Tensor, group: int | None = None) -> torch.Tensor:
+    """[N, K] -> zero-padded groups of ``group`` blocks of 16 rows, interleaved per k step: bf16
+    ``[groups, K_pad/2, group, 16, 2]`` (per k pair, 16x2 weights per block) or fp32 ``[groups, K_pad, group,
+    16]`` (per k, 16 weights per block). N is padded to a multiple of 16 x group, K to a multiple of 32."""
+    group = group or kernel_group()
     n, k = weight.shape
-    n_pad = -(-n // ROW_BLOCK) * ROW_BLOCK
+    rows = ROW_BLOCK * group
+    n_pad = -(-n // rows) * rows
     k_pad = -(-k // K_ALIGN) * K_ALIGN
     w = F.pad(weight.detach(), (0, k_pad - k, 0, n_pad - n))
     if w.dtype == torch.float32:
-        return w.view(n_pad // ROW_BLOCK, ROW_BLOCK, k_pad).transpose(1, 2).contiguous()
-    return w.view(n_pad // ROW_BLOCK, ROW_BLOCK, k_pad // 2, 2).permute(0, 2, 1, 3).contiguous()
+        return w.view(n_pad // rows, group, ROW_BLOCK, k_pad).permute(0, 3, 1, 2).contiguous()
+    return w.view(n_pad // rows, group, ROW_BLOCK, k_pad // 2, 2).permute(0, 3, 1, 2, 4).contiguous()
+
+
+def _gate_up_blocks(gate: torch.Tensor, up: torch.Tensor, group: int | None = None) -> torch.Tensor:
+    """Gate and up ``[N, K]`` as one packed weight whose blocks of 16 rows alternate gate i, up i."""
+    group = group or kernel_group()
+    n, k = gate.shape
+    pairs = -(-n // ROW_BLOCK)
+    pairs = -(-pairs // (group // 2 or 1)) * (group // 2 or 1)  # whole groups of pairs
+    pad = (0, 0, 0, pairs * ROW_BLOCK - n)
+    g, u = F.pad(gate.detach(), pad), F.pad(up.detach(), pad)
+    rows = torch.stack([g.view(pairs, ROW_BLOCK, k), u.view(pairs, ROW_BLOCK, k)], dim=1)
+    return _blocks(rows.reshape(2 * pairs * ROW_BLOCK, k), group)
 
 
 def _kernel_weight_ok(weight: torch.Tensor) -> bool:
@@ -312,8 +336,8 @@ def pack_linear_weight(weight: torch.Tensor) -> PackedWeight:
 def pack_gate_up_weight(gate: torch.Tensor, up: torch.Tensor) -> PackedWeight:
     """Packs a SwiGLU MLP's gate and up weights (both ``[N, K]``) for ``packed_gate_up_silu``.
 
-    Blocks of 16 rows alternate gate, up, gate, up..., so one thread computes matching rows of
-    both projections and applies ``silu(g) * u`` at once.
+    Blocks of 16 rows alternate gate, up, gate, up... (grouped like any packed weight), so one thread
+    computes matching rows of both projections and applies ``silu(g) * u`` at once.
     """
     if gate.shape != up.shape or gate.dim() != 2:
         raise ValueError(
@@ -322,9 +346,7 @@ def pack_gate_up_weight(gate: torch.Tensor, up: torch.Tensor) -> PackedWeight:
     n, k = gate.shape
     if not (_kernel_weight_ok(gate) and up.dtype == gate.dtype and up.device == gate.device):
         return PackedWeight(out_features=n, in_features=k, weight=torch.cat([gate, up]), gate_up=True)
-    g, u = _blocks(gate), _blocks(up)
-    data = torch.stack([g, u], dim=1).reshape(2 * g.shape[0], *g.shape[1:])
-    return PackedWeight(out_features=n, in_features=k, data=data, gate_up=True)
+    return PackedWeight(out_features=n, in_features=k, data=_gate_up_blocks(gate, up), gate_up=True)
 
 
 def _as_rows(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -12,14 +12,16 @@
 //     or thread the row lands in. Only the instruction set changes the arithmetic (AVX512-BF16's
 //     `vdpbf16ps` adds a pair of products at a time), and a machine always runs the same path.
 //
-// Packed layouts (made once, at load, by qwen3/kernels.py). W is padded with zeros to N_pad = ceil(N/16)*16
-// rows and K_pad = ceil(K/32)*32 columns, then stored per block of 16 output rows:
+// Packed layouts (made once, at load, by qwen3/kernels.py). Output rows come in blocks of 16, and blocks in
+// groups of G (kGroup: 4 on the AVX-512 path, 2 on AVX2; the ``kernel_group`` op says which). W is padded
+// with zeros to N_pad = a multiple of 16 G rows and K_pad = ceil(K/32)*32 columns, then stored per group:
 //
-//     bf16:  packed[N_pad/16][K_pad/2][16][2]   for each k pair, the 16 rows' two weights side by side
-//     fp32:  packed[N_pad/16][K_pad][16]        for each k, the 16 rows' weights
+//     bf16:  packed[N_pad/16G][K_pad/2][G][16][2]   for each k pair, the G blocks' 16 rows' two weights
+//     fp32:  packed[N_pad/16G][K_pad][G][16]        for each k, the G blocks' 16 rows' weights
 //
-//   * one block is one contiguous run of memory, so each thread streams long runs that the hardware
-//     prefetchers follow (helped by a software prefetch, QWEN3_PREFETCH);
+//   * one group is one contiguous run of memory, read front to back whatever the tile: each thread
+//     streams long runs that the hardware prefetchers follow (helped by a software prefetch,
+//     QWEN3_PREFETCH), one stream however many blocks a tile takes at once;
 //   * one 64-byte load (one cache line, one zmm) holds the 16 rows' weights for one k pair (bf16) or one k
 //     (fp32): the operand shape of `vdpbf16ps` / an FMA with the activation broadcast to every lane, so no
 //     horizontal reductions are needed: after the k loop each lane holds the dot product of one row;
@@ -27,13 +29,13 @@
 //     one mask (odd k) — bf16 is the top half of an fp32 — and feed two FMAs, even k first.
 // Zero padding removes every tail from the inner loops: padded weights and activations are zero.
 //
-// Tiles: a micro-kernel multiplies NB consecutive blocks (NB*16 output rows) by MT rows of x, keeping the
-// NB*MT accumulators in registers (AVX-512: up to 4 x 6 = 24 zmm; AVX2: up to 2 x 4 halves in 16 ymm), so
-// each weight vector loaded feeds MT rows and each broadcast activation NB blocks: compute-bound shapes
+// Tiles: a micro-kernel multiplies NB blocks of a group (NB*16 output rows) by MT rows of x, keeping the
+// NB*MT accumulators in registers (AVX-512: up to 4 x 6 = 24 zmm; AVX2: up to 2 blocks or 3 rows), so each
+// weight vector loaded feeds MT rows and each broadcast activation NB blocks: compute-bound shapes
 // (prefill) run near the FMA / dot-product peak, and with one row (decode) NB independent chains keep the
-// loads in flight. Threads split the blocks statically (at::parallel_for: torch's own thread pool and
-// count), one contiguous slice each; a thread takes a group of blocks, runs all M rows through it tile by
-// tile (the group's weights come from memory once, then from L2), and moves on.
+// loads in flight. Threads split the groups statically (at::parallel_for: torch's own thread pool and
+// count), one contiguous slice each; a thread runs all M rows through a group tile by tile (the group's
+// weights come from memory once, then from L2), and moves on.
 //
 // Instruction set: the file is compiled for the machine that runs it (kernels.py picks the -m flags from
 // /proc/cpuinfo); AVX512-BF16 when __AVX512BF16__ is defined, else AVX2+FMA. QWEN3_EMULATE_AVX512BF16 swaps
@@ -159,21 +161,25 @@ inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), 
 
 // --- micro-kernels: NB blocks x MT rows of x, one accumulator chain per output element ------------------
 
-// Tile shapes per path and weight format: kMaxNB blocks, up to max_mt rows, nb_for(mt) blocks per tile.
+// Tile shapes per path and weight format: kGroup blocks per group, up to max_mt rows, nb_for(mt) blocks per tile.
 #if defined(QWEN3_PATH_AVX512BF16)
-constexpr int kMaxNB = 4;  // 4 blocks x 6 rows = 24 zmm accumulators + 4 weight vectors, in 32 zmm
+constexpr int kGroup = 4;  // 4 blocks x 6 rows = 24 zmm accumulators + 4 weight vectors, in 32 zmm
 constexpr int kBf16MaxMT = 6, kF32MaxMT = 6;
+inline int bf16_rows_for(int64_t left) { return static_cast<int>(std::min<int64_t>(left, kBf16MaxMT)); }
 inline int bf16_nb_for(int /*mt*/) { return 4; }
 inline int f32_nb_for(int /*mt*/) { return 4; }
 #else
 // AVX2 has 16 ymm. bf16: even and odd k get an accumulator each (summed at the end, whatever the tile),
 // so 3 rows x 2 halves x 2 = 12 accumulators, plus 2 converted weight halves; with 1 row, 2 blocks.
 // fp32: 4 rows x 2 halves = 8 accumulators; with 1-2 rows, 2 blocks.
-constexpr int kMaxNB = 2;
+constexpr int kGroup = 2;
 constexpr int kBf16MaxMT = 3, kF32MaxMT = 4;
+// 1 or 2 rows left: one row at a time over both blocks (the group is in L2 after the first).
+inline int bf16_rows_for(int64_t left) { return left >= kBf16MaxMT ? kBf16MaxMT : 1; }
 inline int bf16_nb_for(int mt) { return mt == 1 ? 2 : 1; }
 inline int f32_nb_for(int mt) { return mt <= 2 ? 2 : 1; }
 #endif
+constexpr int64_t kStep = kGroup * kRows;  // W elements (pairs or floats) per k step of a group
 
 // bf16 weights, one k pair per step. x holds MT rows of activations: bf16 pairs (AVX512-BF16) or fp32.
 #if defined(QWEN3_PATH_AVX512BF16)
@@ -188,7 +194,7 @@ inline void tile_bf16(const uint32_t* const* w, int64_t kp_count, const XBf16* x
     for (int b = 0; b < NB; ++b) acc[m][b] = vzero();
   for (int64_t kp = 0; kp < kp_count; ++kp) {
     for (int b = 0; b < NB; ++b) {
-      const uint32_t* wb = w[b] + kp * kRows;
+      const uint32_t* wb = w[b] + kp * kStep;
       if (PF && QWEN3_PREFETCH > 0) prefetch(reinterpret_cast<const char*>(wb) + QWEN3_PREFETCH);
       for (int m = 0; m < MT; ++m) acc[m][b] = vdpbf16(acc[m][b], wb, x[m * xp + kp]);
     }
@@ -207,7 +213,7 @@ inline void tile_bf16(const uint32_t* const* w, int64_t kp_count, const XBf16* x
     for (int b = 0; b < NB; ++b) even_acc[m][b] = odd_acc[m][b] = vzero();
   for (int64_t kp = 0; kp < kp_count; ++kp) {
     for (int b = 0; b < NB; ++b) {
-      const uint32_t* wb = w[b] + kp * kRows;
+      const uint32_t* wb = w[b] + kp * kStep;
       if (PF && QWEN3_PREFETCH > 0) prefetch(reinterpret_cast<const char*>(wb) + QWEN3_PREFETCH);
       const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
       const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 8));
@@ -236,7 +242,7 @@ inline void tile_f32(const float* const* w, int64_t k_count, const float* x, int
     for (int b = 0; b < NB; ++b) acc[m][b] = vzero();
   for (int64_t k = 0; k < k_count; ++k) {
     for (int b = 0; b < NB; ++b) {
-      const float* wb = w[b] + k * kRows;
+      const float* wb = w[b] + k * kStep;
       if (PF && QWEN3_PREFETCH > 0) prefetch(reinterpret_cast<const char*>(wb) + QWEN3_PREFETCH);
       const V16 wv = vload(wb);
       for (int m = 0; m < MT; ++m) acc[m][b] = vfma(acc[m][b], wv, x[m * xs + k]);
@@ -250,7 +256,7 @@ inline void tile_f32(const float* const* w, int64_t k_count, const float* x, int
 struct Bf16Weights {
   using W = uint32_t;  // a bf16 pair
   using X = XBf16;
-  static constexpr int max_mt = kBf16MaxMT;
+  static int rows_for(int64_t left) { return bf16_rows_for(left); }
   static int nb_for(int mt) { return bf16_nb_for(mt); }
   static int64_t steps(int64_t k_pad) { return k_pad / 2; }
   template <int NB, int MT, bool PF>
@@ -261,7 +267,7 @@ struct Bf16Weights {
 struct F32Weights {
   using W = float;
   using X = float;
-  static constexpr int max_mt = kF32MaxMT;
+  static int rows_for(int64_t left) { return static_cast<int>(std::min<int64_t>(left, kF32MaxMT)); }
   static int nb_for(int mt) { return f32_nb_for(mt); }
   static int64_t steps(int64_t k_pad) { return k_pad; }
   template <int NB, int MT, bool PF>
@@ -309,20 +315,21 @@ inline void tile_any(int nb, int mt, bool pf, const typename F::W* const* w, int
   }
 }
 
-// out[m][16 j + r] for the g consecutive blocks starting at `first` (block stride `stride` elements) and
-// every row m of x: tiles of F::max_mt rows, each tile over sub-groups of F::nb_for(mt) blocks. The first tile
-// reads the blocks from memory (with prefetch), later ones find them in L2.
+// out[m][16 j + r] for the kGroup blocks of the group at `group` and every row m of x: tiles of
+// F::rows_for(rows left) rows, each over sub-groups of F::nb_for(mt) blocks. The first tile reads the group from memory (with
+// prefetch), later ones find it in L2.
 template <class F>
-void group_all_rows(const typename F::W* first, int64_t stride, int g, int64_t k_pad, const typename F::X* x,
-                    int64_t m_rows, float* out /* [M][g * 16] */) {
+void group_all_rows(const typename F::W* group, int64_t k_pad, const typename F::X* x, int64_t m_rows,
+                    float* out /* [M][kGroup * 16] */) {
+  constexpr int g = kGroup;
   const int64_t steps = F::steps(k_pad), os = g * kRows;
-  const typename F::W* blocks[kMaxNB * 2];
-  for (int b = 0; b < g; ++b) blocks[b] = first + b * stride;
-  for (int64_t m0 = 0; m0 < m_rows; m0 += F::max_mt) {
-    const int mt = static_cast<int>(std::min<int64_t>(F::max_mt, m_rows - m0));
-    const int nb = F::nb_for(mt);
+  const typename F::W* blocks[g];
+  for (int b = 0; b < g; ++b) blocks[b] = group + b * kRows;
+  for (int64_t m0 = 0, mt; m0 < m_rows; m0 += mt) {
+    mt = F::rows_for(m_rows - m0);
+    const int nb = F::nb_for(static_cast<int>(mt));
     for (int b0 = 0; b0 < g; b0 += nb)
-      tile_any<F>(std::min(nb, g - b0), mt, m0 == 0, blocks + b0, steps, x + m0 * k_pad, k_pad,
+      tile_any<F>(std::min(nb, g - b0), static_cast<int>(mt), m0 == 0, blocks + b0, steps, x + m0 * k_pad, k_pad,
                   out + m0 * os + b0 * kRows, os);
   }
 }
@@ -385,20 +392,21 @@ inline void silu_mul(float* __restrict g, const float* __restrict u, int64_t n) 
 }
 
 struct Packed {
-  bool f32;            // fp32 blocks [N_pad/16][K_pad][16], else bf16 pairs [N_pad/16][K_pad/2][16][2]
-  int64_t k_pad, blocks, block_elems;  // block_elems: W elements (pairs or floats) per block
+  bool f32;  // fp32 [groups][K_pad][G][16], else bf16 pairs [groups][K_pad/2][G][16][2]
+  int64_t k_pad, groups, group_elems;  // group_elems: W elements (pairs or floats) per group
 };
 
 Packed check_packed(const at::Tensor& packed) {
   TORCH_CHECK(packed.device().is_cpu() && packed.is_contiguous(), "qwen3 gemv: packed weight must be contiguous CPU");
   if (packed.scalar_type() == at::kFloat) {
-    TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kRows, "qwen3 gemv: fp32 packed weight must be [N_pad/16, K_pad, 16]");
-    return {true, packed.size(1), packed.size(0), packed.size(1) * kRows};
+    TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kGroup && packed.size(3) == kRows,
+                "qwen3 gemv: fp32 packed weight must be [groups, K_pad, ", kGroup, ", 16] (packed for another path?)");
+    return {true, packed.size(1), packed.size(0), packed.size(1) * kStep};
   }
-  TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 && packed.size(2) == kRows &&
-                  packed.size(3) == 2,
-              "qwen3 gemv: bf16 packed weight must be [N_pad/16, K_pad/2, 16, 2]");
-  return {false, packed.size(1) * 2, packed.size(0), packed.size(1) * kRows};
+  TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 5 && packed.size(2) == kGroup &&
+                  packed.size(3) == kRows && packed.size(4) == 2,
+              "qwen3 gemv: bf16 packed weight must be [groups, K_pad/2, ", kGroup, ", 16, 2] (packed for another path?)");
+  return {false, packed.size(1) * 2, packed.size(0), packed.size(1) * kStep};
 }
 
 void check_x(const at::Tensor& x, const Packed& p) {
@@ -415,22 +423,17 @@ inline int64_t grain_for(int64_t units) {
   return std::max<int64_t>(1, (units + threads - 1) / threads);
 }
 
-// Runs every group of blocks through `epilogue(first_block, g, acc)` after computing acc[M][g * 16]. A
-// group is whole units (`unit` blocks stay together: 2 for gate/up pairs), max(kMaxNB, unit) blocks at most.
+// Runs every group through `epilogue(group, acc)` after computing acc[M][kGroup * 16].
 template <class F, class Epilogue>
-void run_groups(const at::Tensor& x, const at::Tensor& packed, const Packed& p, int64_t unit, const Epilogue& epilogue) {
+void run_groups(const at::Tensor& x, const at::Tensor& packed, const Packed& p, const Epilogue& epilogue) {
   const int64_t m_rows = x.size(0);
   const std::vector<typename F::X> xbuf = prepare_x<typename F::X>(x, p.k_pad);
   const auto* w = reinterpret_cast<const typename F::W*>(packed.data_ptr());
-  const int64_t units = p.blocks / unit;
-  const int64_t group_units = std::max<int64_t>(1, kMaxNB / unit);
-  at::parallel_for(0, units, grain_for(units), [&](int64_t u0, int64_t u1) {
-    std::vector<float> acc(static_cast<size_t>(m_rows * group_units * unit * kRows));
-    for (int64_t u = u0; u < u1; u += group_units) {
-      const int64_t gu = std::min(group_units, u1 - u);
-      const int g = static_cast<int>(gu * unit);
-      group_all_rows<F>(w + u * unit * p.block_elems, p.block_elems, g, p.k_pad, xbuf.data(), m_rows, acc.data());
-      epilogue(u * unit, g, acc.data());
+  at::parallel_for(0, p.groups, grain_for(p.groups), [&](int64_t g0, int64_t g1) {
+    std::vector<float> acc(static_cast<size_t>(m_rows * kStep));
+    for (int64_t group = g0; group < g1; ++group) {
+      group_all_rows<F>(w + group * p.group_elems, p.k_pad, xbuf.data(), m_rows, acc.data());
+      epilogue(group, acc.data());
     }
   });
 }
@@ -441,8 +444,8 @@ void linear_impl(const at::Tensor& x, const at::Tensor& packed, const Packed& p,
   const int64_t m_rows = x.size(0);
   const bool out_bf16 = y.scalar_type() == at::kBFloat16;
   void* y_raw = y.data_ptr();
-  run_groups<F>(x, packed, p, 1, [&](int64_t b0, int g, const float* acc) {
-    const int64_t os = g * kRows, n0 = b0 * kRows, count = std::min<int64_t>(os, n - n0);
+  run_groups<F>(x, packed, p, [&](int64_t group, const float* acc) {
+    const int64_t os = kStep, n0 = group * kStep, count = std::min<int64_t>(os, n - n0);
     if (count <= 0) return;
     const float* bp = bias ? bias + n0 : nullptr;
     for (int64_t m = 0; m < m_rows; ++m) {
@@ -459,12 +462,12 @@ void gate_up_impl(const at::Tensor& x, const at::Tensor& packed, const Packed& p
   const int64_t m_rows = x.size(0);
   const bool out_bf16 = y.scalar_type() == at::kBFloat16;
   void* y_raw = y.data_ptr();
-  run_groups<F>(x, packed, p, 2, [&](int64_t b0, int g, const float* acc) {
-    // Blocks alternate gate, up: block b0 + 2j is pair (b0 / 2 + j)'s gate, b0 + 2j + 1 its up.
-    const int64_t os = g * kRows;
+  run_groups<F>(x, packed, p, [&](int64_t group, const float* acc) {
+    // Blocks alternate gate, up: block 2j of the group is pair (group * G / 2 + j)'s gate, 2j + 1 its up.
+    const int64_t os = kStep;
     float gate[kRows];
-    for (int j = 0; 2 * j < g; ++j) {
-      const int64_t n0 = (b0 / 2 + j) * kRows, count = std::min<int64_t>(kRows, n - n0);
+    for (int j = 0; 2 * j < kGroup; ++j) {
+      const int64_t n0 = (group * kGroup / 2 + j) * kRows, count = std::min<int64_t>(kRows, n - n0);
       if (count <= 0) break;
       for (int64_t m = 0; m < m_rows; ++m) {
         const float* row = acc + m * os + 2 * j * kRows;
@@ -484,7 +487,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
                          const std::optional<at::Tensor>& bias) {
   const Packed p = check_packed(packed);
   check_x(x, p);
-  TORCH_CHECK(n > (p.blocks - 1) * kRows && n <= p.blocks * kRows, "qwen3 gemv: N does not match the packed weight");
+  TORCH_CHECK(n > (p.groups - 1) * kStep && n <= p.groups * kStep, "qwen3 gemv: N does not match the packed weight");
   at::Tensor bias_f;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == n, "qwen3 gemv: bias must have N elements");
@@ -507,9 +510,8 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
 at::Tensor packed_gate_up_silu(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
   const Packed p = check_packed(packed);
   check_x(x, p);
-  TORCH_CHECK(p.blocks % 2 == 0, "qwen3 gemv: a gate/up weight has an even number of blocks");
-  const int64_t pairs = p.blocks / 2;
-  TORCH_CHECK(n > (pairs - 1) * kRows && n <= pairs * kRows, "qwen3 gemv: N does not match the packed weight");
+  const int64_t pairs = p.groups * kGroup / 2;
+  TORCH_CHECK(n > (pairs - kGroup / 2) * kRows && n <= pairs * kRows, "qwen3 gemv: N does not match the packed weight");
   at::Tensor y = at::empty({x.size(0), n}, x.options());
   if (x.size(0) == 0) return y;
   if (p.f32)
@@ -565,6 +567,7 @@ double read_bandwidth_probe(const at::Tensor& buf) {
 }
 
 std::string kernel_path() { return QWEN3_PATH_NAME; }
+int64_t kernel_group() { return kGroup; }
 
 }  // namespace
 
@@ -581,6 +584,7 @@ QWEN3_LIBRARY(QWEN3_OPS_NAMESPACE, m) {
   m.def("packed_gate_up_silu(Tensor x, Tensor packed, int n) -> Tensor");
   m.def("read_bandwidth_probe(Tensor buf) -> float");
   m.def("kernel_path() -> str", &kernel_path);
+  m.def("kernel_group() -> int", &kernel_group);
 }
 
 QWEN3_LIBRARY_IMPL(QWEN3_OPS_NAMESPACE, CPU, m) {
