@@ -1,8 +1,10 @@
-"""Batch invariance on the CPU kernel path: a request's logits are the same bits whatever else is in the step.
+"""Batch invariance: a request's logits are the same bits whatever else is in the step.
 
 Forty requests (twenty prompts of 3 to 300 tokens, each greedy and seeded) run alone, all together, with
 tiny prefill chunks, with prefix-cache hits and under preemption; every logits row each request ever
-gets must be bitwise identical across the runs, and so the tokens. In bf16 and float32, dense and MoE.
+gets must be bitwise identical across the runs, and so the tokens. In bf16 and float32, dense and MoE, on
+the CPU kernels (the default) and on the torch path with ``batch_invariant=True`` (what CUDA runs; here
+with the kernels switched off).
 """
 
 from __future__ import annotations
@@ -20,10 +22,6 @@ from tests.reference import make_hf_checkpoint
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 SEEDED = SamplingParams(
     temperature=1.0, top_k=50, top_p=0.9, max_tokens=12, ignore_eos=True, presence_penalty=0.5
-)
-
-pytestmark = pytest.mark.skipif(
-    not kernels.kernels_available(), reason="qwen3's CPU kernels are not built here"
 )
 
 
@@ -95,11 +93,21 @@ def checkpoint(request, tmp_path_factory):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("path", ["kernels", "torch"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_logits_do_not_depend_on_the_batch(checkpoint, dtype):
+def test_logits_do_not_depend_on_the_batch(checkpoint, dtype, path, monkeypatch):
+    if path == "kernels" and not kernels.kernels_available():
+        pytest.skip("qwen3's CPU kernels are not built here")
+    if path == "torch":
+        monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    backend = "KernelAttention" if path == "kernels" else "TorchAttention"
+
     def make(**kwargs) -> LLM:
         kwargs.setdefault("kv_cache_memory", "64MiB")
-        return LLM(str(checkpoint), dtype=dtype, skip_tokenizer_init=True, progress=False, **kwargs)
+        llm = LLM(str(checkpoint), dtype=dtype, skip_tokenizer_init=True, progress=False,
+                  batch_invariant=path == "torch", **kwargs)  # fmt: skip
+        assert type(llm.engine.runner.backend).__name__ == backend
+        return llm
 
     reqs = requests(4096)
     alone = run(make(enable_prefix_caching=False, max_num_batched_tokens=4096), reqs, together=False)

@@ -58,6 +58,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="attention over the paged cache: qwen3's CPU kernel or torch SDPA (default: the kernel where it runs)",
     )
+    parser.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="results independent of the batch on the torch path too (CUDA; slower). The CPU kernels "
+        "always are",
+    )
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -149,6 +155,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
         kv_cache_memory=args.kv_cache_memory,
         kv_cache_fraction=args.kv_cache_fraction,
         attention_backend=args.attention_backend,
+        batch_invariant=args.batch_invariant,
     )
 
 

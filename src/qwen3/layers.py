@@ -253,6 +253,7 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.packed: list[tuple[kernels.PackedWeight, kernels.PackedWeight]] | None = None
+        self.fixed_slots: int | None = None  # batch-invariant torch mode: gather path in batches of this size
 
     def pack(self) -> None:
         """Each expert's gate/up (interleaved, for the fused SiLU) and down weights for the CPU kernels."""
@@ -268,6 +269,8 @@ class Experts(nn.Module):
         flat_ids = expert_ids.reshape(-1)
         if self.packed is not None and not x.requires_grad:
             return self._grouped(x, flat_ids, weights, top_k, self._packed_expert)
+        if self.fixed_slots is not None:
+            return self._fixed_slots(x, flat_ids, weights)
         if n * top_k <= self.num_experts:
             # Few tokens (decode): gather just the chosen experts' weights and run one batched matmul.
             h = torch.bmm(self.gate_up_proj[flat_ids], x.repeat_interleave(top_k, dim=0).unsqueeze(-1))
@@ -276,6 +279,23 @@ class Experts(nn.Module):
             out = out * weights.reshape(-1, 1)
             return out.view(n, top_k, -1).sum(dim=1)
         return self._grouped(x, flat_ids, weights, top_k, self._torch_expert)
+
+    def _fixed_slots(self, x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The gather path in batches of exactly ``fixed_slots`` (token, expert) slots, zero-padded: every
+        batched matmul has one shape, so a token's result does not depend on the others (torch path)."""
+        n, top_k = weights.shape
+        size, total = self.fixed_slots, flat_ids.numel()
+        pad = -total % size
+        ids = F.pad(flat_ids, (0, pad))
+        xs = F.pad(x.repeat_interleave(top_k, dim=0), (0, 0, 0, pad))
+        out = []
+        for i in range(0, total + pad, size):
+            chosen = ids[i : i + size]
+            h = torch.bmm(self.gate_up_proj[chosen], xs[i : i + size].unsqueeze(-1)).squeeze(-1)
+            gate, up = h.chunk(2, dim=-1)
+            out.append(torch.bmm(self.down_proj[chosen], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1))
+        y = torch.cat(out)[:total] * weights.reshape(-1, 1)
+        return y.view(n, top_k, -1).sum(dim=1)
 
     def _torch_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)

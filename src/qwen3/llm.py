@@ -141,6 +141,7 @@ class LLM:
         max_num_batched_tokens: int = 512,
         enable_prefix_caching: bool = True,
         attention_backend: str | None = None,
+        batch_invariant: bool = False,
         skip_tokenizer_init: bool = False,
         progress: bool = True,
     ) -> None:
@@ -152,6 +153,8 @@ class LLM:
         weights (defaults: half the available RAM on CPU, 0.9 of the GPU; see ``qwen3.engine.memory``);
         ``max_model_len`` defaults to the checkpoint's context, lowered with a warning if it does not fit.
         ``attention_backend``: "kernel" (qwen3's CPU kernel), "torch", or None for the best that runs.
+        On the CPU kernels results never depend on the batch; ``batch_invariant`` makes the torch path
+        (CUDA) so too, at a cost (fixed-shape steps; see ``qwen3.engine.model_runner``).
         """
         folder = default_model_dir() if model is None else resolve_model_dir(model)
         self.model_dir = folder
@@ -186,6 +189,7 @@ class LLM:
             eos_token_ids=frozenset(self.eos_token_ids()),
             thinking=self._thinking_tokens(),
             attention_backend=attention_backend,
+            batch_invariant=batch_invariant,
         )
         self.engine = LLMEngine(self.model, engine_config)
         # Held while anything steps the engine: offline calls and an AsyncLLM thread may share it.

@@ -120,6 +120,13 @@ class Qwen3ForCausalLM(nn.Module):
                 module.fused = True  # and Attention then fuses its q/k norms with RoPE
         return True
 
+    def use_fixed_shapes(self, slots: int) -> None:
+        """Batch-invariant torch mode (the engine runs fixed-size chunks): MoE experts then route in fixed
+        batches of ``slots`` (token, expert) slots instead of groups whose sizes follow the batch."""
+        for module in self.modules():
+            if isinstance(module, Experts):
+                module.fixed_slots = slots
+
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> Qwen3ForCausalLM:
         """Random initialisation as transformers does it: N(0, std) matrices, zero biases, unit norms."""

@@ -13,7 +13,10 @@ their slots and attends.
   depends on its own keys only).
 - :class:`TorchAttention`: device-agnostic torch (CUDA, or CPU without the kernels): single-token rows
   (decodes) in one batched SDPA call over their gathered blocks, multi-token rows one by one with a
-  causal mask. It wants the decodes first, which the runner arranges (``decodes_first``).
+  causal mask. It wants the decodes first, which the runner arranges (``decodes_first``). With a
+  ``key_tile`` (the engine's ``batch_invariant`` option) it computes each query instead with a fixed-shape
+  online softmax over tiles of ``key_tile`` keys, on chunks of a fixed number of query rows (the runner's
+  job), so that every torch kernel sees the same shapes whatever the batch (see ``attend_fixed``).
 
 The pool is allocated uninitialised (``torch.empty``): on CPU its pages are only committed as blocks are
 first written, and no backend ever reads a slot that was not written.
@@ -67,6 +70,17 @@ class AttentionMetadata:
     host_query_lens: list[int]
 
 
+@dataclass
+class RowMetadata:
+    """A fixed-size chunk of query rows for the batch-invariant torch path: row i writes its key and value
+    at ``slots[i]`` and attends keys 0..``positions[i]`` of the sequence whose block table is ``tables[i]``."""
+
+    slots: torch.Tensor  # [C] int64
+    tables: torch.Tensor  # [C, W] int32
+    positions: torch.Tensor  # [C] int64
+    host_max_position: int
+
+
 class PagedAttention:
     """The interface: ``prepare`` once per step, then ``attend`` per layer (writes k/v, returns the output)."""
 
@@ -98,12 +112,22 @@ class KernelAttention(PagedAttention):
 
 
 class TorchAttention(PagedAttention):
-    """SDPA over gathered blocks; decodes batched with a padding mask, prompt chunks one by one."""
+    """SDPA over gathered blocks; decodes batched with a padding mask, prompt chunks one by one.
+
+    ``key_tile``: the batch-invariant mode instead (``RowMetadata`` chunks, ``attend_fixed``).
+    """
 
     decodes_first = True
 
-    def prepare(self, meta: AttentionMetadata) -> None:
+    def __init__(self, pool: KVPool, key_tile: int | None = None) -> None:
+        super().__init__(pool)
+        self.key_tile = key_tile
+
+    def prepare(self, meta: AttentionMetadata | RowMetadata) -> None:
         bs, device = self.pool.block_size, self.pool.device
+        if isinstance(meta, RowMetadata):
+            self.rows, self.write_at = meta, (meta.slots // bs, meta.slots % bs)
+            return
         self.meta = meta
         self.write_at = (meta.slots // bs, meta.slots % bs)
         lens = meta.host_seq_lens
@@ -133,6 +157,8 @@ class TorchAttention(PagedAttention):
         block, row = self.write_at
         key_cache[block, :, row] = k[0]
         value_cache[block, :, row] = v[0]
+        if self.key_tile is not None:
+            return self.attend_fixed(key_cache, value_cache, q, scale)
         outputs = []
         nd = self.num_decode
         if nd:
@@ -154,6 +180,40 @@ class TorchAttention(PagedAttention):
             start += n
         return torch.cat(outputs, dim=0).unsqueeze(0) if len(outputs) > 1 else outputs[0].unsqueeze(0)
 
+    def attend_fixed(
+        self, key_cache: torch.Tensor, value_cache: torch.Tensor, q: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Each query row over its own keys, in fp32, one tile of ``key_tile`` keys at a time (online softmax).
+
+        Every op has the same shape in every call ([C, Hkv, G, D] x [C, Hkv, D, T] and so on), so the
+        kernels torch picks do not change with the batch, and row i reads only row i's data. Tiles past a
+        row's position are masked entirely and leave its running max, sum and output exactly as they
+        were (a factor exp(0) = 1, added zeros): how many tiles a chunk needs does not change any row.
+        """
+        rows, bs, tile = self.rows, self.pool.block_size, self.key_tile
+        c, hq, d = q.shape[1:]
+        hkv = key_cache.shape[1]
+        qf = q[0].float().view(c, hkv, hq // hkv, d)  # [C, Hkv, G, D]
+        position = rows.positions[:, None]
+        best = torch.full((c, hkv, hq // hkv, 1), float("-inf"), device=q.device)
+        total = torch.zeros_like(best)
+        acc = torch.zeros_like(qf)
+        for start in range(0, rows.host_max_position + 1, tile):
+            keys = start + torch.arange(tile, device=q.device)[None, :]  # [1, T]
+            valid = keys <= position  # [C, T]
+            at = torch.minimum(keys, position)  # masked keys read a written slot of the same sequence
+            block, row = rows.tables.long().gather(1, at // bs), at % bs
+            kt = key_cache[block, :, row].float().permute(0, 2, 3, 1)  # [C, Hkv, D, T]
+            vt = value_cache[block, :, row].float().transpose(1, 2)  # [C, Hkv, T, D]
+            scores = (qf @ kt * scale).masked_fill(~valid[:, None, None, :], float("-inf"))
+            new_best = torch.maximum(best, scores.amax(dim=-1, keepdim=True))
+            keep = torch.exp(best - new_best)
+            weights = torch.exp(scores - new_best)
+            total = total * keep + weights.sum(dim=-1, keepdim=True)
+            acc = acc * keep + weights @ vt
+            best = new_best
+        return (acc / total).view(1, c, hq, d).to(q.dtype)
+
 
 BACKENDS = {"kernel": KernelAttention, "torch": TorchAttention}
 
@@ -166,8 +226,11 @@ def kernel_attention_available(dtype: torch.dtype, device: torch.device | str) -
     )
 
 
-def make_backend(name: str | None, pool: KVPool) -> PagedAttention:
-    """``"kernel"``, ``"torch"``, or None: the kernel where it runs (CPU, bf16/fp32, built), else torch."""
+def make_backend(name: str | None, pool: KVPool, key_tile: int | None = None) -> PagedAttention:
+    """``"kernel"``, ``"torch"``, or None: the kernel where it runs (CPU, bf16/fp32, built), else torch.
+
+    ``key_tile`` puts the torch backend in its batch-invariant mode (the kernel always is).
+    """
     if name is None:
         name = "kernel" if kernel_attention_available(pool.dtype, pool.device) else "torch"
     if name not in BACKENDS:
@@ -177,4 +240,4 @@ def make_backend(name: str | None, pool: KVPool) -> PagedAttention:
             f"the kernel attention backend needs qwen3's CPU kernels and a bf16 or float32 cache on CPU "
             f"(got {pool.dtype} on {pool.device}, kernels {'on' if kernels.kernels_available() else 'off'})"
         )
-    return BACKENDS[name](pool)
+    return KernelAttention(pool) if name == "kernel" else TorchAttention(pool, key_tile)

@@ -65,6 +65,7 @@ class EngineConfig:
     eos_token_ids: frozenset[int] = frozenset()
     thinking: ThinkingTokens | None = None
     attention_backend: str | None = None  # "kernel", "torch", or None: the best that runs here
+    batch_invariant: bool = False  # the torch path too (the CPU kernels always are): fixed-shape steps
 
 
 @dataclass
@@ -91,7 +92,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(
             model, config.num_blocks, config.block_size, config.max_num_seqs, config.max_model_len,
-            config.attention_backend,
+            config.attention_backend, config.batch_invariant,
         )  # fmt: skip
         self.sampler = Sampler()
         self.requests: dict[str, Sequence] = {}

@@ -5,17 +5,34 @@ persistent :class:`InputBatch`. It decides the packed order of the step's rows (
 single-token rows first), builds the step's metadata from the batch's tensors with a handful of
 vectorised ops, runs the model on every scheduled token at once, and computes logits only for the
 sequences whose pending tokens are all done.
+
+Batch invariance: on the CPU kernels every op already gives a row the same bits whatever the batch. On
+the torch path (CUDA) the ``batch_invariant`` option gets there by shape: the step's tokens are run in
+chunks of exactly ``FIXED_ROWS`` rows (the last one padded with dummy rows that write to a scratch block),
+attention is the torch backend's fixed-tile mode, the lm_head runs on chunks of ``FIXED_ROWS`` rows too,
+and MoE experts on fixed-size slot batches; every torch kernel then sees the same shapes in every step,
+and a GEMM's rows do not depend on each other. It costs the padding and more, smaller launches.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from qwen3.device import index_tensor, to_device
-from qwen3.engine.attention import AttentionMetadata, KVPool, make_backend
+from qwen3.engine.attention import (
+    AttentionMetadata,
+    KVPool,
+    RowMetadata,
+    kernel_attention_available,
+    make_backend,
+)
 from qwen3.engine.input_batch import InputBatch
 from qwen3.engine.sequence import Sequence
 from qwen3.model import Qwen3ForCausalLM
+
+FIXED_ROWS = 16  # tokens per model call in the batch-invariant torch mode
+KEY_TILE = 256  # keys per attention tile in that mode
 
 
 class ModelRunner:
@@ -27,16 +44,26 @@ class ModelRunner:
         max_num_seqs: int,
         max_model_len: int,
         attention_backend: str | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         self.model = model
         self.device = model.device
         self.block_size = block_size
         config = model.config
+        kernel = (
+            attention_backend == "kernel"
+            or attention_backend is None
+            and kernel_attention_available(model.dtype, model.device)
+        )
+        self.fixed_rows = FIXED_ROWS if batch_invariant and not kernel else None
+        self.scratch_block = num_blocks  # one block past the manager's: where padding rows write
         self.pool = KVPool(
-            config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim,
-            model.dtype, model.device,
+            config.num_hidden_layers, num_blocks + (self.fixed_rows is not None), block_size,
+            config.num_key_value_heads, config.head_dim, model.dtype, model.device,
         )  # fmt: skip
-        self.backend = make_backend(attention_backend, self.pool)
+        self.backend = make_backend(attention_backend, self.pool, KEY_TILE if self.fixed_rows else None)
+        if self.fixed_rows:
+            model.use_fixed_shapes(FIXED_ROWS)
         max_blocks = -(-max_model_len // block_size)
         self.batch = InputBatch(max_num_seqs, max_blocks, config.vocab_size, model.device)
 
@@ -76,6 +103,9 @@ class ModelRunner:
         seq_lens = [b + n for b, n in zip(begins, lengths, strict=True)]
         width = -(-max(seq_lens) // bs)
         device = self.device
+        if self.fixed_rows:
+            tables = batch.block_tables.index_select(0, rows[owner])[:, :width]  # each token's sequence's
+            return sampled, self._run_fixed(token_ids, positions, slots, tables, last_rows)
         meta = AttentionMetadata(
             slots=to_device(slots, device),
             block_tables=to_device(batch.block_tables.index_select(0, rows)[:, :width].contiguous(), device),
@@ -95,3 +125,36 @@ class ModelRunner:
             return sampled, hidden.new_empty(0)
         logits = self.model.compute_logits(hidden[0, index_tensor(last_rows, device)])
         return sampled, logits
+
+    def _run_fixed(
+        self, token_ids: list[int], positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+        last_rows: list[int],
+    ) -> torch.Tensor:  # fmt: skip
+        """The step in chunks of exactly ``fixed_rows`` tokens (batch-invariant torch mode)."""
+        rows, bs, device = self.fixed_rows, self.block_size, self.device
+        pad = -len(token_ids) % rows
+        ids = torch.tensor(token_ids + [0] * pad)
+        positions = F.pad(positions, (0, pad))
+        slots = F.pad(slots, (0, pad), value=self.scratch_block * bs)
+        tables = F.pad(tables, (0, 0, 0, pad), value=self.scratch_block)
+        hidden = []
+        for start in range(0, len(ids), rows):
+            chunk = slice(start, start + rows)
+            top = int(positions[chunk].max())
+            self.backend.prepare(
+                RowMetadata(to_device(slots[chunk], device), to_device(tables[chunk].contiguous(), device),
+                            to_device(positions[chunk], device), top)
+            )  # fmt: skip
+            out = self.model.hidden_states(
+                to_device(ids[chunk], device)[None],
+                to_device(positions[chunk], device)[None],
+                self.backend,
+                top,
+            )
+            hidden.append(out[0])
+        if not last_rows:
+            return hidden[0].new_empty(0)
+        last = torch.cat(hidden).index_select(0, index_tensor(last_rows, device))
+        last = F.pad(last, (0, 0, 0, -len(last_rows) % rows))
+        logits = [self.model.compute_logits(last[i : i + rows]) for i in range(0, len(last), rows)]
+        return torch.cat(logits)[: len(last_rows)]
