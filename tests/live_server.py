@@ -7,18 +7,34 @@ unfinished requests — while talking to it over real HTTP.
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
 from qwen3.llm import LLM
 from qwen3.server import ServerConfig, create_app
 from qwen3.server.serving import ServerState
+
+
+def wait_healthy(process: subprocess.Popen, url: str, timeout: float = 60.0) -> None:
+    """Wait until a ``qwen3 serve`` subprocess answers 200 on /health (fails with its output if it exits)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, process.stdout.read() if process.stdout else "qwen3 serve exited"
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "qwen3 serve did not come up"
+        time.sleep(0.2)
 
 
 def free_port() -> int:

@@ -102,3 +102,20 @@ def test_block_keys_survive_preemption_and_are_not_recomputed():
     assert a.block_hashes == keys and a.num_computed == 0
     bm.match_prefix(a)
     assert a.num_computed == 6 and a.block_hashes == keys
+
+
+def test_free_blocks_are_handed_out_plain_then_unused_then_least_recently_cached():
+    bm = BlockManager(num_blocks=6, block_size=2)
+    a = seq([1, 2, 3, 4, 5], "a")  # two full (cached) blocks and a partial one
+    run_prefill(bm, a)
+    first = list(a.block_table)
+    assert first == [0, 1, 2]  # never-used blocks in order
+    bm.release(a)
+    b = seq([9, 9, 9], "b")
+    assert bm.reserve(b, 3)
+    assert b.block_table == [2, 3]  # the partial (plain) block first, then an unused one; cache kept
+    assert bm.cached and all(bm.block_hash[i] is not None for i in first[:2])
+    c = seq([8] * 6, "c")
+    assert bm.reserve(c, 6)
+    assert c.block_table == [4, 5, 1]  # unused ones, then the least recently freed cached block (a tail)
+    assert len(bm.cached) == 1

@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -26,7 +25,7 @@ from qwen3.config import Qwen3Config
 from qwen3.engine.memory import available_cpu_memory, kv_bytes_per_token
 from qwen3.llm import LLM
 from qwen3.model import model_class
-from tests.live_server import free_port
+from tests.live_server import free_port, wait_healthy
 
 EOS = 151645  # <|im_end|>
 
@@ -111,16 +110,7 @@ def test_qwen3_serve_streams_a_chat_with_no_max_tokens(real_06b):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "qwen3 serve did not come up"
-            time.sleep(0.3)
+        wait_healthy(process, url, 120)
         body = {"model": str(real_06b), "messages": [{"role": "user", "content": "Hi!"}], "stream": True,
                 "stream_options": {"include_usage": True}}  # fmt: skip
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:

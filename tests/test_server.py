@@ -29,7 +29,7 @@ from qwen3.engine.llm_engine import STOP_THINKING_TEXT
 from qwen3.llm import LLM
 from qwen3.sampling import RECOMMENDED, SampleResult, SamplingParams
 from qwen3.server import ServerConfig
-from tests.live_server import free_port, live_server
+from tests.live_server import free_port, live_server, wait_healthy
 
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -567,16 +567,7 @@ def test_serve_command_queue_limit_and_graceful_sigterm(tiny_checkpoint):
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "qwen3 serve did not come up"
-            time.sleep(0.2)
+        wait_healthy(process, url, 60)
 
         def body(max_tokens: int, stream: bool = True) -> dict:
             return {
