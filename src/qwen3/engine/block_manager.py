@@ -43,7 +43,9 @@ class BlockManager:
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self.free_plain: list[int] = []  # freed, no key: reused first (most recently freed first)
         self.unused = list(range(num_blocks - 1, -1, -1))  # never handed out (popped from the end: 0, 1, ...)
-        self.free_cached: OrderedDict[int, None] = OrderedDict()  # freed with a key, least recently freed first
+        self.free_cached: OrderedDict[int, None] = (
+            OrderedDict()
+        )  # freed with a key, least recently freed first
         self.cached: dict[bytes, int] = {}  # block key -> block id
         self.prefix_queries = 0  # prompt blocks looked up
         self.prefix_hits = 0  # of which were found
