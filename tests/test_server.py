@@ -391,6 +391,8 @@ def test_tool_call_round_trip_with_scripted_sampling(server, client, monkeypatch
          "messages[0].content[0].type"),
         ({"max_tokens": -5}, "max_tokens"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"max_tokens": 600}, "max_tokens"),  # prompt + max_tokens can never fit the 512-token context
+        ({"max_completion_tokens": 600}, "max_completion_tokens"),
         ({"top_p": 1.5}, "top_p"),
         ({"temperature": -1}, "temperature"),
         ({"n": 0}, "n"),

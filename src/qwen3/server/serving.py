@@ -118,13 +118,19 @@ class ServerState:
             raise APIError(400, f"{name}: {str(exc).partition(': ')[2]}", param=name) from None
 
     def check_prompt(
-        self, prompt_ids: list[int], params: SamplingParams, param: str, thinking_budget: int | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        param: str,
+        thinking_budget: int | None = None,
+        param_name: Callable[[str], str] = str,
     ) -> None:
-        """400 now for what the engine would refuse later (too long for the context, unknown ids)."""
+        """400 now for what the engine would refuse later (too long for the context, unknown ids, a
+        ``max_tokens`` that cannot fit); ``param`` names the prompt, ``param_name`` maps other fields."""
         try:
             self.llm.engine.check_request(prompt_ids, params, thinking_budget)
         except RequestError as exc:
-            name = param if exc.field == "prompt" else exc.field
+            name = param if exc.field == "prompt" else param_name(exc.field)
             raise APIError(400, f"{name}: {str(exc).partition(': ')[2]}", param=name) from None
 
 
