@@ -119,3 +119,15 @@ def test_free_blocks_are_handed_out_plain_then_unused_then_least_recently_cached
     assert bm.reserve(c, 6)
     assert c.block_table == [4, 5, 1]  # unused ones, then the least recently freed cached block (a tail)
     assert len(bm.cached) == 1
+
+
+def test_a_cancelled_match_is_not_counted_twice():
+    bm = BlockManager(num_blocks=10, block_size=2)
+    run_prefill(bm, seq([1, 2, 3, 4, 5], "a"))
+    b = seq([1, 2, 3, 4, 9], "b")
+    bm.match_prefix(b)
+    assert (bm.prefix_queries, bm.prefix_hits) == (3, 2) and b.num_prefix_cached == 4  # a missed its first
+    bm.cancel_match(b)
+    assert (bm.prefix_queries, bm.prefix_hits) == (1, 0) and b.block_table == [] and bm.num_free == 7
+    bm.match_prefix(b)
+    assert (bm.prefix_queries, bm.prefix_hits) == (3, 2)

@@ -307,3 +307,73 @@ def test_a_request_that_breaks_the_step_fails_alone(llm, monkeypatch):
     for i, prompt in enumerate(PROMPTS):
         assert tokens[f"r{i}"] == expected[prompt] and finish[f"r{i}"] == ("length", None)
     assert engine.blocks.num_free == engine.blocks.num_blocks and len(engine.runner.batch) == 0
+
+
+def test_a_failed_sampling_rewinds_the_seeded_generators(llm, monkeypatch):
+    """The sampler fails after drawing for everyone: the retry alone gives each seeded request the tokens
+    it gets without the culprit (its generator was rewound), and the culprit fails."""
+    seeded = SamplingParams(temperature=1.0, top_k=40, max_tokens=12, seed=5, ignore_eos=True)
+    expected = llm.generate(PROMPTS, seeded)
+    engine, real = llm.engine, llm.engine.sampler
+
+    def sampler(logits, batch):
+        result = real(logits, batch)  # every seeded row has drawn its noise by now
+        if "poison" in batch.request_ids:
+            raise RuntimeError("late failure")
+        return result
+
+    monkeypatch.setattr(engine, "sampler", sampler)
+    engine.add_request("poison", llm.tokenizer.encode("poisoned"), seeded)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"r{i}", llm.tokenizer.encode(prompt), seeded.replace(seed=5))
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert tokens["poison"] == []
+    assert [tokens[f"r{i}"] for i in range(len(PROMPTS))] == [o.token_ids for o in expected]
+    assert len(engine.runner.batch) == 0 and engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_offline_outputs_say_why_a_request_failed(llm, monkeypatch):
+    real_run = llm.engine.runner.run
+    poison = llm.tokenizer.encode("poisoned prompt")
+
+    def run(scheduled):
+        if any(seq.token_ids[: len(poison)] == poison for seq, _ in scheduled):
+            raise ValueError("bad row")
+        return real_run(scheduled)
+
+    monkeypatch.setattr(llm.engine.runner, "run", run)
+    bad, good = llm.generate([poison, llm.tokenizer.encode(PROMPTS[0])], GREEDY)
+    assert (bad.finish_reason, bad.outputs[0].error) == ("error", "ValueError: bad row")
+    assert good.finish_reason == "length" and good.token_ids == alone(llm, PROMPTS[0])
+
+
+def test_inserted_ids_count_against_the_context(tiny_checkpoint, thinking_2507):
+    """Budget 0 on a template that opens <think> appends the stop-thinking text: a prompt that leaves no
+    room for it is refused at the door, instead of failing (or waiting forever) inside the engine."""
+    small = make(tiny_checkpoint, max_model_len=64, kv_cache_memory=64 * 2 * 2 * 2 * 32 * 4)
+    assert small.engine.config.num_blocks * 16 == 64  # the cache holds exactly one context
+    inserted = len(small.tokenizer.encode(STOP_THINKING_TEXT))
+    room = (
+        64
+        - inserted
+        - len(small.tokenizer.encode("<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n<think>\n"))
+    )
+    fits = [{"role": "user", "content": "a" * (room - 2)}]
+    too_long = [{"role": "user", "content": "a " * room}]
+    out = small.chat(fits, GREEDY.replace(max_tokens=None), thinking_budget=0, chat_template=thinking_2507)
+    assert out.finish_reason == "length" and len(out.token_ids) >= inserted
+    with pytest.raises(RequestError, match="more to close the thinking"):
+        small.chat(too_long, GREEDY.replace(max_tokens=None), thinking_budget=0, chat_template=thinking_2507)
+    assert not small.engine.has_unfinished()
+
+
+def test_torch_decode_gathers_are_bounded(tiny_checkpoint, monkeypatch):
+    from qwen3.engine import attention
+
+    monkeypatch.setattr(attention, "DECODE_GATHER_KEYS", 64)  # a group or two of decodes per call
+    torch_llm = make(tiny_checkpoint, kv_cache_memory="8MiB", attention_backend="torch")
+    outs = torch_llm.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == [alone(torch_llm, p) for p in PROMPTS]

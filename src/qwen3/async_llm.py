@@ -163,14 +163,17 @@ class AsyncLLM:
         engine (inserted after ``</think>``). Invalid requests raise :class:`qwen3.engine.RequestError`
         from the first iteration; a request the engine failed raises :class:`RequestFailedError`.
         """
-        if self.error is not None or not self._thread.is_alive():
-            raise EngineDeadError(f"the engine is not running ({self.error!r})")
         request_id = request_id or uuid.uuid4().hex
         state = RequestState(
             request_id, prompt_token_ids, params, self.llm.tokenizer, parse, reasoning_started, parse_prefix
         )
         q: asyncio.Queue = asyncio.Queue()
         self._sinks[request_id] = (asyncio.get_running_loop(), q)
+        # Checked after the sink is in place: a thread dying now sets `error` before it notifies the sinks,
+        # so either this sees the error or the dying thread sees this sink.
+        if self.error is not None or not self._thread.is_alive():
+            self._sinks.pop(request_id, None)
+            raise EngineDeadError(f"the engine is not running ({self.error!r})")
         finished = False
         engine_args = (
             list(prompt_token_ids),

@@ -25,6 +25,7 @@ from qwen3 import kernels
 from qwen3.chat import THINK_OPEN, ToolCall, parse_output, reasoning_opened, render, soft_switch
 from qwen3.checkpoint import load_config, load_model
 from qwen3.config import parse_dtype
+from qwen3.engine.attention import DECODE_GATHER_KEYS
 from qwen3.engine.llm_engine import STOP_THINKING_TEXT, EngineConfig, LLMEngine, ThinkingTokens
 from qwen3.engine.memory import default_budget, plan_kv_cache
 from qwen3.hub import resolve_model_dir
@@ -202,7 +203,8 @@ class LLM:
 
     @torch.inference_mode()
     def _activation_peak(self, tokens: int, rows: int) -> int:
-        """Bytes a forward pass of the largest step adds on CUDA (vLLM's profile run), before the cache exists."""
+        """Bytes a forward pass of the largest step adds on CUDA (vLLM's profile run, before the cache exists),
+        plus what the torch attention backend's decode gathers can add (bounded by DECODE_GATHER_KEYS)."""
         torch.cuda.synchronize(self.model.device)
         torch.cuda.reset_peak_memory_stats(self.model.device)
         before = torch.cuda.memory_allocated(self.model.device)
@@ -212,7 +214,13 @@ class LLM:
         peak = torch.cuda.max_memory_allocated(self.model.device) - before
         del hidden
         torch.cuda.empty_cache()
-        return int(peak)
+        c = self.model.config
+        element = torch.empty((), dtype=self.model.dtype).element_size()
+        # keys and values gathered, and SDPA's grouped-query expansion of them to every query head
+        gather = (
+            2 * DECODE_GATHER_KEYS * c.head_dim * element * (c.num_key_value_heads + c.num_attention_heads)
+        )
+        return int(peak) + gather
 
     def _thinking_tokens(self) -> ThinkingTokens | None:
         tok = self.tokenizer
@@ -407,6 +415,7 @@ class LLM:
                     Completion(
                         i, st.text, st.token_ids, st.finish_reason, st.stop_reason,
                         st.logprobs if st.params.logprobs is not None else None,
+                        st.error,
                     )
                 )  # fmt: skip
             first = states[seq_ids[0]]

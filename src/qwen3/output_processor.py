@@ -85,6 +85,7 @@ class RequestState:
         self.finished = False
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
+        self.error: str | None = None  # why the engine failed the sequence (finish_reason "error")
         self.num_cached_tokens = 0
         self.metrics: dict[str, float] = {}
         self._max_stop = max((len(s) for s in params.stop), default=0)
@@ -108,7 +109,7 @@ class RequestState:
         new_text = self._releasable(finished)
         if finished:
             self.finished, self.finish_reason, self.stop_reason = True, reason, stop_reason
-            self.num_cached_tokens, self.metrics = out.num_cached_tokens, out.metrics
+            self.num_cached_tokens, self.metrics, self.error = out.num_cached_tokens, out.metrics, out.error
         delta = StreamDelta(
             self.request_id, out.new_token_ids, new_text, finished, reason if finished else None,
             logprobs=out.logprobs, stop_reason=stop_reason if finished else None, error=out.error,

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from qwen3 import kernels
 from qwen3.layers import causal_attention
 
+DECODE_GATHER_KEYS = 1 << 18  # the torch backend's largest decode gather (rows x padded width)
+
 
 class KVPool:
     """The cache tensors of every layer."""
@@ -136,15 +138,23 @@ class TorchAttention(PagedAttention):
             nd += 1
         assert all(n != 1 for n in meta.host_query_lens[nd:]), "single-token rows must come first"
         self.num_decode = nd
-        if nd:
-            width = max(lens[:nd])
+        # Decodes in groups whose padded gather holds at most DECODE_GATHER_KEYS keys, so the copies stay
+        # bounded (64 sequences of 40k tokens would be ~5 GB per layer gathered at once).
+        self.decode_groups = []
+        first = 0
+        while first < nd:
+            last, width = first + 1, lens[first]
+            while last < nd and (last - first + 1) * max(width, lens[last]) <= DECODE_GATHER_KEYS:
+                width = max(width, lens[last])
+                last += 1
             positions = torch.arange(width, device=device)[None, :]
-            seq_lens = meta.seq_lens[:nd, None].long()
+            seq_lens = meta.seq_lens[first:last, None].long()
             # Padding positions read the sequence's last key (written, finite) and are masked out.
             clamped = torch.minimum(positions, seq_lens - 1)
-            blocks = meta.block_tables[:nd].long().gather(1, clamped // bs)
-            self.decode_gather = (blocks, clamped % bs)
-            self.decode_mask = (positions < seq_lens)[:, None, None, :]  # [B, 1, 1, S]
+            blocks = meta.block_tables[first:last].long().gather(1, clamped // bs)
+            mask = (positions < seq_lens)[:, None, None, :]  # [B, 1, 1, S]
+            self.decode_groups.append((first, last, blocks, clamped % bs, mask))
+            first = last
         self.prefill_gather = []
         for s in range(nd, len(lens)):
             positions = torch.arange(lens[s], device=device)
@@ -161,14 +171,11 @@ class TorchAttention(PagedAttention):
             return self.attend_fixed(key_cache, value_cache, q, scale)
         outputs = []
         nd = self.num_decode
-        if nd:
-            qd = q[0, :nd].unsqueeze(2)  # [B, Hq, 1, D]
-            block, row = self.decode_gather
+        for first, last, block, row, mask in self.decode_groups:
+            qd = q[0, first:last].unsqueeze(2)  # [B, Hq, 1, D]
             kd = key_cache[block, :, row].transpose(1, 2)  # [B, Hkv, S, D]
             vd = value_cache[block, :, row].transpose(1, 2)
-            out = F.scaled_dot_product_attention(
-                qd, kd, vd, attn_mask=self.decode_mask, scale=scale, enable_gqa=True
-            )
+            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
             outputs.append(out.squeeze(2))  # [B, Hq, D]
         qlens, lens = self.meta.host_query_lens, self.meta.host_seq_lens
         start = sum(qlens[:nd])

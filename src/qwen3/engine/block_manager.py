@@ -90,7 +90,9 @@ class BlockManager:
         """
         if not self.enable_prefix_caching or seq.block_table:
             return
+        lookups = 0
         for key in self._hashes(seq, (seq.num_tokens - 1) // self.block_size):
+            lookups += 1
             self.prefix_queries += 1
             block = self.cached.get(key)
             if block is None:
@@ -101,7 +103,19 @@ class BlockManager:
             self.ref_counts[block] += 1
             seq.block_table.append(block)
         seq.num_committed_blocks = len(seq.block_table)
-        seq.num_computed = seq.num_prefix_cached = len(seq.block_table) * self.block_size
+        seq.num_computed = len(seq.block_table) * self.block_size
+        if not seq.num_preemptions:  # what the prompt got from the cache (later: its own tokens too)
+            seq.num_prefix_cached = min(seq.num_computed, seq.num_prompt_tokens)
+        seq.prefix_lookups = (lookups, len(seq.block_table))
+
+    def cancel_match(self, seq: Sequence) -> None:
+        """Undo ``match_prefix`` for a sequence that could not be admitted after all (it stays waiting, holding
+        no blocks); its lookups are not counted twice when it is matched again."""
+        queries, hits = seq.prefix_lookups
+        self.prefix_queries -= queries
+        self.prefix_hits -= hits
+        seq.prefix_lookups = (0, 0)
+        self.release(seq)
 
     def reserve(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Make room for ``num_new_tokens`` more computed tokens; False (nothing taken) if it cannot."""

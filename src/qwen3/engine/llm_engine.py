@@ -7,9 +7,11 @@ token level: thinking budget (insert the stop-thinking ids), eos and stop token 
 (:mod:`qwen3.output_processor`, used by ``LLM`` and ``AsyncLLM``), which aborts a request when its text
 hits a stop string.
 
-A step that raises is retried sequence by sequence, so a request that breaks the step fails alone
-(with ``finish_reason="error"``) and the others carry on; results do not change by running alone, as the
-CPU engine is batch-invariant.
+A step whose model run or sampling raises is retried sequence by sequence, so a request that breaks the
+step fails alone (with ``finish_reason="error"``) and the others carry on; results do not change by running
+alone, as the CPU engine is batch-invariant, and nothing is committed before the whole computation
+succeeded (seeded generators are rewound). An exception in the commit itself is an engine bug and
+propagates (``AsyncLLM`` then reports the engine dead).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from qwen3.engine.model_runner import ModelRunner
 from qwen3.engine.scheduler import Scheduler
 from qwen3.engine.sequence import Sequence, ThinkingBudget
 from qwen3.model import Qwen3ForCausalLM
-from qwen3.sampling import Sampler, SamplingParams
+from qwen3.sampling import Sampler, SampleResult, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +105,23 @@ class LLMEngine:
 
     # --- requests ---------------------------------------------------------------------------------
 
+    def admission_insert(
+        self, thinking_budget: int | None, reasoning_started: bool, answer_prefix_ids: list[int]
+    ) -> list[int]:
+        """The ids ``add_request`` appends to the prompt: the stop-thinking text (and the answer prefix)
+        when the prompt opened ``<think>`` and the budget is 0; else nothing."""
+        tokens = self.config.thinking
+        if tokens is None or not reasoning_started or thinking_budget != 0:
+            return []
+        return tokens.stop_thinking_ids + list(answer_prefix_ids)
+
     def check_request(
-        self, prompt_token_ids: list[int], params: SamplingParams, thinking_budget: int | None = None
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        thinking_budget: int | None = None,
+        reasoning_started: bool = False,
+        answer_prefix_ids: list[int] | None = None,
     ) -> None:
         """Raise :class:`RequestError` if ``add_request`` would refuse this request.
 
@@ -114,9 +131,12 @@ class LLMEngine:
         if not prompt_token_ids:
             raise RequestError("prompt", "is empty")
         limit = self.config.max_model_len
-        if len(prompt_token_ids) >= limit:
+        inserted = len(self.admission_insert(thinking_budget, reasoning_started, answer_prefix_ids or []))
+        if len(prompt_token_ids) + inserted >= limit:
+            extra = f" ({inserted} more to close the thinking)" if inserted else ""
             raise RequestError(
-                "prompt", f"has {len(prompt_token_ids)} tokens; the context holds {limit} (prompt + output)"
+                "prompt",
+                f"has {len(prompt_token_ids)} tokens{extra}; the context holds {limit} (prompt + output)",
             )
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
@@ -157,7 +177,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise RequestError("request_id", f"{request_id!r} is already running")
         answer_prefix_ids = list(answer_prefix_ids or [])
-        self.check_request(prompt_token_ids, params, thinking_budget)
+        self.check_request(prompt_token_ids, params, thinking_budget, reasoning_started, answer_prefix_ids)
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params)
         seq.answer_prefix_ids = answer_prefix_ids
         if params.seed is not None:
@@ -166,9 +186,9 @@ class LLMEngine:
         if (thinking_budget is not None or answer_prefix_ids) and tokens is not None:
             seq.thinking = ThinkingBudget(thinking_budget, tokens.think_start_id, tokens.think_end_id)
             seq.thinking.inside = reasoning_started
-            if reasoning_started and thinking_budget == 0:
+            inserted = self.admission_insert(thinking_budget, reasoning_started, answer_prefix_ids)
+            if inserted:
                 seq.thinking.close()
-                inserted = tokens.stop_thinking_ids + answer_prefix_ids
                 seq.token_ids.extend(inserted)
                 self.pending_inserted[request_id] = inserted
         self.requests[request_id] = seq
@@ -198,31 +218,48 @@ class LLMEngine:
             return []
         self.num_steps += 1
         try:
-            return self._execute(out.scheduled)
-        except Exception:
-            logger.exception("engine step failed; retrying its %d sequences one by one", len(out.scheduled))
+            return self._commit(out.scheduled, *self._compute(out.scheduled))
+        except _ComputeError as error:
+            logger.error(
+                "engine step failed (%s); retrying its %d sequences one by one", error.cause,
+                len(out.scheduled), exc_info=error.__cause__,
+            )  # fmt: skip
         outputs: list[EngineOutput] = []
         for item in out.scheduled:
             try:
-                outputs += self._execute([item])
-            except Exception as exc:
-                logger.exception("request %s failed", item[0].request_id)
-                outputs.append(self._fail(item[0], f"{type(exc).__name__}: {exc}"))
+                computed = self._compute([item])
+            except _ComputeError as error:
+                logger.error("request %s failed: %s", item[0].request_id, error.cause)
+                outputs.append(self._fail(item[0], error.cause))
+                continue
+            outputs += self._commit([item], *computed)
         return outputs
 
     @torch.inference_mode()
-    def _execute(self, scheduled: list[tuple[Sequence, int]]) -> list[EngineOutput]:
-        """Run and sample (may fail: nothing about a sequence has changed yet), then commit the results."""
-        sampled, logits = self.runner.run(scheduled)
-        result = None
-        if sampled:
-            result = self.sampler(logits, self.runner.batch.sampling_batch(sampled))
-            self.runner.batch.record(sampled, [[t] for t in result.token_ids])
+    def _compute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], SampleResult | None]:
+        """Run the model and sample. Changes nothing a retry could see: on failure the seeded generators
+        are rewound (cache slots written by the failed run are rewritten by the retry)."""
+        states = [(s.generator, s.generator.get_state()) for s, _ in scheduled if s.generator is not None]
+        try:
+            sampled, logits = self.runner.run(scheduled)
+            result = self.sampler(logits, self.runner.batch.sampling_batch(sampled)) if sampled else None
+        except Exception as exc:
+            for generator, state in states:
+                generator.set_state(state)
+            raise _ComputeError(f"{type(exc).__name__}: {exc}") from exc
+        return sampled, result
+
+    @torch.inference_mode()
+    def _commit(
+        self, scheduled: list[tuple[Sequence, int]], sampled: list[Sequence], result: SampleResult | None
+    ) -> list[EngineOutput]:
+        """Advance the cache, register full blocks, append the tokens, apply the per-request rules."""
         for seq, n in scheduled:
             seq.num_computed += n
             self.blocks.commit(seq)
         if result is None:
             return []
+        self.runner.batch.record(sampled, [[t] for t in result.token_ids])
         now = time.perf_counter()
         return [
             self._append(seq, token, logprob, now)
@@ -249,6 +286,9 @@ class LLMEngine:
                 inserted = tokens.stop_thinking_ids + seq.answer_prefix_ids
             elif seq.thinking.finished and seq.answer_prefix_ids:  # the model closed it
                 inserted = tokens.gap_ids + seq.answer_prefix_ids
+            inserted = inserted[
+                : max(self.config.max_model_len - seq.num_tokens, 0)
+            ]  # never past the context
             if inserted:
                 seq.token_ids.extend(inserted)
                 self.runner.batch.record([seq], [inserted])
@@ -279,6 +319,14 @@ class LLMEngine:
         self.pending_inserted.pop(seq.request_id, None)
         output.num_cached_tokens = seq.num_prefix_cached
         output.metrics = _metrics(seq)
+
+
+class _ComputeError(Exception):
+    """A step's model run or sampling failed (``cause`` says how); nothing was committed."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
 
 
 def _metrics(seq: Sequence) -> dict[str, float]:

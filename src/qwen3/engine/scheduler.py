@@ -80,7 +80,7 @@ class Scheduler:
             self.blocks.match_prefix(seq)
             n = min(seq.num_pending, budget)
             if not self.blocks.reserve(seq, n):
-                self.blocks.release(seq)  # waiting sequences hold no blocks (its prefix hits stay cached)
+                self.blocks.cancel_match(seq)  # waiting sequences hold no blocks (its hits stay cached)
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING

@@ -69,6 +69,7 @@ class Sequence:
         default_factory=list
     )  # chain hash of each full block, kept across preemption
     num_committed_blocks: int = 0  # leading blocks registered in the prefix cache
+    prefix_lookups: tuple[int, int] = (0, 0)  # (blocks looked up, found) by the last prefix match
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None

@@ -75,7 +75,7 @@ def prepare(state: ServerState, body: ChatCompletionRequest) -> ChatRequest:
         )
     except (ValueError, jinja2.TemplateError) as exc:
         raise APIError(400, f"messages: {exc}", param="messages") from None
-    state.check_prompt(request.prompt_token_ids, params, "messages", request.thinking_budget, body.param_name)
+    state.check_prompt(request.prompt_token_ids, params, "messages", body.param_name, request)
     return request
 
 

@@ -24,7 +24,7 @@ from starlette.types import Scope
 
 from qwen3.async_llm import AsyncLLM, StreamDelta
 from qwen3.engine.llm_engine import RequestError
-from qwen3.llm import LLM
+from qwen3.llm import LLM, ChatRequest
 from qwen3.sampling import SamplingError, SamplingParams
 from qwen3.server.errors import APIError
 from qwen3.server.metrics import Metrics
@@ -122,13 +122,15 @@ class ServerState:
         prompt_ids: list[int],
         params: SamplingParams,
         param: str,
-        thinking_budget: int | None = None,
         param_name: Callable[[str], str] = str,
+        chat: ChatRequest | None = None,
     ) -> None:
         """400 now for what the engine would refuse later (too long for the context, unknown ids, a
-        ``max_tokens`` that cannot fit); ``param`` names the prompt, ``param_name`` maps other fields."""
+        ``max_tokens`` that cannot fit); ``param`` names the prompt, ``param_name`` maps other fields;
+        ``chat``: the prepared chat request (its thinking controls add ids to the prompt)."""
+        thinking = (chat.thinking_budget, chat.reasoning_started, chat.answer_prefix_ids) if chat else ()
         try:
-            self.llm.engine.check_request(prompt_ids, params, thinking_budget)
+            self.llm.engine.check_request(prompt_ids, params, *thinking)
         except RequestError as exc:
             name = param if exc.field == "prompt" else param_name(exc.field)
             raise APIError(400, f"{name}: {str(exc).partition(': ')[2]}", param=name) from None
