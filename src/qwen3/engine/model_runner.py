@@ -24,7 +24,7 @@ from qwen3.engine.attention import (
     AttentionMetadata,
     KVPool,
     RowMetadata,
-    kernel_attention_available,
+    TorchAttention,
     make_backend,
 )
 from qwen3.engine.input_batch import InputBatch
@@ -50,18 +50,14 @@ class ModelRunner:
         self.device = model.device
         self.block_size = block_size
         config = model.config
-        kernel = (
-            attention_backend == "kernel"
-            or attention_backend is None
-            and kernel_attention_available(model.dtype, model.device)
-        )
-        self.fixed_rows = FIXED_ROWS if batch_invariant and not kernel else None
         self.scratch_block = num_blocks  # one block past the manager's: where padding rows write
         self.pool = KVPool(
-            config.num_hidden_layers, num_blocks + (self.fixed_rows is not None), block_size,
+            config.num_hidden_layers, num_blocks + int(batch_invariant), block_size,
             config.num_key_value_heads, config.head_dim, model.dtype, model.device,
         )  # fmt: skip
-        self.backend = make_backend(attention_backend, self.pool, KEY_TILE if self.fixed_rows else None)
+        self.backend = make_backend(attention_backend, self.pool, KEY_TILE if batch_invariant else None)
+        # The kernel backend is invariant as it is; the torch one needs fixed-shape steps.
+        self.fixed_rows = FIXED_ROWS if batch_invariant and isinstance(self.backend, TorchAttention) else None
         if self.fixed_rows:
             model.use_fixed_shapes(FIXED_ROWS)
         max_blocks = -(-max_model_len // block_size)
