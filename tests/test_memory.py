@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 
+from qwen3 import device
 from qwen3.config import Qwen3Config
 from qwen3.engine import memory
 from qwen3.engine.memory import KVCacheError, available_cpu_memory, kv_bytes_per_token, plan_kv_cache
@@ -99,7 +100,7 @@ def test_cgroup_limit_caps_the_ram(monkeypatch, tmp_path):
     limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
     limit.write_text(str(4 * GiB))
     usage.write_text(str(1 * GiB))
-    real_read = memory._read_int
+    real_read = device._read_int
 
     def read(path):
         name = str(path)
@@ -109,5 +110,5 @@ def test_cgroup_limit_caps_the_ram(monkeypatch, tmp_path):
             return real_read(usage)
         return None
 
-    monkeypatch.setattr(memory, "_read_int", read)
+    monkeypatch.setattr(device, "_read_int", read)
     assert available_cpu_memory() <= 3 * GiB

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -143,5 +145,7 @@ def test_invalid_parameters_name_the_field(kwargs, field):
 
 
 def test_generation_config_defaults(spec_dir):
-    params = SamplingParams.from_generation_config(spec_dir / "hf_qwen3_0.6b", max_tokens=9)
+    params = SamplingParams.from_generation_config(
+        json.loads((spec_dir / "hf_qwen3_0.6b" / "generation_config.json").read_text()), max_tokens=9
+    )
     assert (params.temperature, params.top_p, params.top_k, params.max_tokens) == (0.6, 0.95, 20, 9)

@@ -17,7 +17,7 @@ from qwen3.server.protocol import (
     NamedToolChoice,
     tool_call_prefix,
 )
-from qwen3.server.serving import TokenText, choice_params
+from qwen3.server.serving import TokenText
 from qwen3.tokenizer import Tokenizer
 
 
@@ -104,7 +104,7 @@ def test_sampling_overrides_and_field_names():
     assert request.sampling_overrides() == {"max_tokens": 7, "logprobs": 2, "stop": ["END"]}
     assert request.param_name("max_tokens") == "max_completion_tokens"
     assert request.param_name("logprobs") == "top_logprobs" and request.param_name("top_p") == "top_p"
-    params = choice_params(SamplingParams(seed=10, n=3), 2)
+    params = SamplingParams(seed=10, n=3).for_choice(2)
     assert (params.seed, params.n) == (12, 1)
 
 

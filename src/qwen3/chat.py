@@ -15,15 +15,11 @@ import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Literal, NamedTuple
 
-import jinja2
-import jinja2.ext
-import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from qwen3.jinja_sandbox import RenderLimits, compile_template, render_template  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -48,58 +44,6 @@ def builtin_template() -> str:
 @lru_cache(maxsize=1)
 def _builtin_template() -> str:
     return resources.files("qwen3").joinpath("templates/qwen3.jinja").read_text(encoding="utf-8")
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(
-    x: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: Any = None,
-    sort_keys: bool = False,
-) -> str:
-    # transformers' filter: unlike jinja's own tojson it does not HTML-escape, and it takes json.dumps options.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-class _Namespace(jinja2.utils.Namespace):
-    """``namespace()`` that refuses underscore attributes, as in transformers: templates are untrusted code."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - jinja's signature trick, self in args[0]
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _Namespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _Namespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(
-                f"chat templates may not set underscore attributes ({name!r})"
-            )
-
-
-@lru_cache(maxsize=16)
-def compile_template(template: str) -> jinja2.Template:
-    """Compile a chat template once (cached on its text) in transformers' sandboxed environment."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_Namespace)
-    return env.from_string(template)
 
 
 def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -143,6 +87,7 @@ def render(
     enable_thinking: bool = True,
     template: str | None = None,
     continue_final_message: bool = False,
+    limits: RenderLimits | None = None,
     **kwargs: Any,
 ) -> str:
     """Render a conversation to the prompt text, byte-identical to transformers' ``apply_chat_template``.
@@ -152,7 +97,8 @@ def render(
     OpenAI function schemas. ``template=None`` uses the built-in Qwen3 template. ``enable_thinking=False``
     makes the Qwen3 template pre-fill an empty think block. ``continue_final_message`` leaves the last
     message open (no ``<|im_end|>``) so the model continues it, e.g. to resume thinking after a budget cut.
-    Extra ``kwargs`` are template variables.
+    Extra ``kwargs`` are template variables. The template runs in :mod:`qwen3.jinja_sandbox`, bounded by
+    ``limits`` (time and size; a template past them raises ``TemplateLimitError``).
     """
     chat = _check_messages(messages)
     if tools is not None and not all(isinstance(t, Mapping) for t in tools):
@@ -164,7 +110,9 @@ def render(
             raise ValueError("continue_final_message needs a final message with string content")
         final = chat[-1]["content"]
         chat[-1]["content"] = final + _CONTINUE_TAG
-    text = compile_template(template if template is not None else _builtin_template()).render(
+    text = render_template(
+        template if template is not None else _builtin_template(),
+        limits,
         messages=chat,
         tools=None if tools is None else [dict(t) for t in tools],
         documents=None,

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from qwen3.config import ConfigError, Qwen3Config, parse_dtype
-from qwen3.hub import resolve_model_dir
+from qwen3.device import available_cpu_memory
+from qwen3.hub import CheckpointError, file_in, read_json, resolve_model_dir
 from qwen3.model import Qwen3ForCausalLM, checkpoint_layout, iter_checkpoint_tensors, model_class
 
 logger = logging.getLogger(__name__)
@@ -31,21 +32,19 @@ _FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and, where it applies, the tensor."""
+__all__ = ["CheckpointError", "load_model", "save_model", "weight_files"]
 
 
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder: one file, or the shards its index lists."""
     index = folder / INDEX_FILE
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map'): {exc}") from exc
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object)")
         shards = []
         for tensor, shard in weight_map.items():
-            if not (folder / shard).is_file():
+            if not file_in(folder, shard, index).is_file():
                 raise CheckpointError(
                     f"{index}: tensor {tensor!r} is in shard {shard!r}, which does not exist"
                 )
@@ -81,6 +80,13 @@ def load_model(
     config = load_config(folder)
     target_dtype = parse_dtype(dtype) or config.torch_dtype or torch.float32
     files = weight_files(folder)
+    if torch.device(device).type == "cpu":
+        need, free = config.num_parameters() * target_dtype.itemsize, available_cpu_memory()
+        if need > free:
+            raise CheckpointError(
+                f"{folder / 'config.json'}: the model it describes needs {need / 2**30:.1f} GiB in "
+                f"{str(target_dtype).removeprefix('torch.')}, but only {free / 2**30:.1f} GiB of RAM is available"
+            )
     with torch.device("meta"):
         model = model_class(config)(config)
     model = model.to_empty(device=device).to(target_dtype)

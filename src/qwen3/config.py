@@ -31,6 +31,81 @@ class ConfigError(ValueError):
     """config.json is missing, unreadable, or describes a model qwen3 does not implement."""
 
 
+# Bounds every config.json field is checked against before anything is allocated. They are wide (the
+# largest Qwen3 has 94 layers, 151,936 ids, hidden size 8,192, 128 experts) but finite, so a corrupt or
+# hostile config fails at once instead of allocating a terabyte or looping a million layers.
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 2**22),
+    "hidden_size": (1, 2**16),
+    "intermediate_size": (1, 2**18),
+    "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "head_dim": (2, 2048),
+    "max_position_embeddings": (1, 2**24),
+    "num_experts": (0, 4096),
+    "num_experts_per_tok": (1, 4096),
+    "moe_intermediate_size": (1, 2**18),
+    "decoder_sparse_step": (1, 1024),
+}
+_FLOAT_RANGES: dict[str, tuple[float, float]] = {  # open at 0, closed at the top
+    "rms_norm_eps": (0.0, 1.0),
+    "rope_theta": (0.0, 1e12),
+    "router_aux_loss_coef": (-1.0, 1e3),
+}
+_BOOL_FIELDS = ("attention_bias", "tie_word_embeddings", "norm_topk_prob", "use_sliding_window")
+_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_field_types(raw: dict[str, Any]) -> None:
+    """Types and ranges of the fields present in ``raw``, naming the first that is wrong."""
+    for name, (low, high) in _INT_RANGES.items():
+        value = raw.get(name)
+        if value is None and name in ("head_dim", "num_key_value_heads"):
+            continue  # derived when absent
+        if name in raw and not (_is_int(value) and low <= value <= high):
+            raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    for name, (low, high) in _FLOAT_RANGES.items():
+        value = raw.get(name)
+        if name in raw and not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and low < value <= high
+        ):
+            raise ConfigError(f"{name} must be a number in ({low:g}, {high:g}], got {value!r}")
+    for name in _BOOL_FIELDS:
+        if raw.get(name) is not None and not isinstance(raw[name], bool):
+            raise ConfigError(f"{name} must be true or false, got {raw[name]!r}")
+    for name in _TOKEN_FIELDS:
+        value = raw.get(name)
+        ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+        if value is not None and not all(_is_int(i) and 0 <= i < 2**22 for i in ids):
+            raise ConfigError(f"{name} must be a token id (or, for eos, a list of them), got {value!r}")
+    layers = raw.get("mlp_only_layers")
+    if layers is not None and not (isinstance(layers, list) and all(_is_int(i) for i in layers)):
+        raise ConfigError(f"mlp_only_layers must be a list of layer indices, got {layers!r}")
+    for name in ("rope_scaling", "rope_parameters"):
+        rope = raw.get(name)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{name} must be an object or null, got {rope!r}")
+        factor = rope.get("factor")
+        if factor is not None and not (isinstance(factor, (int, float)) and not isinstance(factor, bool)
+                                       and 0 < factor <= 1024):  # fmt: skip
+            raise ConfigError(f"{name}.factor must be a number in (0, 1024], got {factor!r}")
+        original = rope.get("original_max_position_embeddings")
+        if original is not None and not (_is_int(original) and 1 <= original <= 2**24):
+            raise ConfigError(f"{name}.original_max_position_embeddings must be an integer in [1, 2**24]")
+        theta = rope.get("rope_theta")
+        if theta is not None and not (
+            isinstance(theta, (int, float)) and not isinstance(theta, bool) and theta > 0
+        ):
+            raise ConfigError(f"{name}.rope_theta must be a positive number, got {theta!r}")
+
+
 def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     """Map ``"bfloat16"``/``torch.bfloat16``/``None`` to a torch dtype (or None); reject anything else."""
     if value is None or isinstance(value, torch.dtype):
@@ -107,14 +182,20 @@ class Qwen3Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Qwen3Config:
-        """Build from a parsed config.json of either dialect; unknown keys are ignored."""
+        """Build from a parsed config.json of either dialect; unknown keys are ignored.
+
+        Every field is checked (type, range, consistency) before the model is built: a wrong one raises
+        :class:`ConfigError` naming it.
+        """
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config.json must hold a JSON object, got a {type(raw).__name__}")
         model_type = raw.get("model_type")
         if model_type not in ARCHITECTURES:
             raise ConfigError(
                 f"model_type {model_type!r} is not a Qwen3 model; qwen3 loads {sorted(ARCHITECTURES)}"
             )
         architectures = raw.get("architectures") or [ARCHITECTURES[model_type]]
-        if ARCHITECTURES[model_type] not in architectures:
+        if not isinstance(architectures, list) or ARCHITECTURES[model_type] not in architectures:
             raise ConfigError(
                 f"architectures {architectures} do not match model_type {model_type!r} "
                 f"(expected {ARCHITECTURES[model_type]})"
@@ -123,6 +204,7 @@ class Qwen3Config:
             raise ConfigError("use_sliding_window=true is not supported (no released Qwen3 model uses it)")
         if raw.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act {raw['hidden_act']!r} is not supported; Qwen3 uses silu")
+        _check_field_types(raw)
 
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in raw.items() if k in names}
@@ -138,6 +220,7 @@ class Qwen3Config:
             rope.pop("type", None)
             values["rope_scaling"] = rope
         if "num_local_experts" in raw:
+            _check_field_types({"num_experts": raw["num_local_experts"]})
             values.setdefault("num_experts", raw["num_local_experts"])
         values["torch_dtype"] = parse_dtype(raw.get("torch_dtype", raw.get("dtype")))
         if values.get("head_dim") is None:
@@ -166,7 +249,8 @@ class Qwen3Config:
             raise ConfigError(f"{path}: {exc}") from exc
 
     def validate(self) -> None:
-        """Reject configs that would build a wrong model silently."""
+        """Reject configs that would build a wrong model silently (the fields' consistency; their types and
+        ranges were checked as they were read)."""
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -184,6 +268,38 @@ class Qwen3Config:
             raise ConfigError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts ({self.num_experts})"
             )
+        if any(not 0 <= i < self.num_hidden_layers for i in self.mlp_only_layers):
+            raise ConfigError(
+                f"mlp_only_layers {self.mlp_only_layers} names layers outside [0, num_hidden_layers)"
+            )
+        for name in _TOKEN_FIELDS:
+            value = getattr(self, name)
+            if any(
+                i >= self.vocab_size
+                for i in (value if isinstance(value, list) else [value] if value is not None else [])
+            ):
+                raise ConfigError(f"{name} {value} is outside the vocabulary (vocab_size {self.vocab_size})")
+
+    def num_parameters(self) -> int:
+        """Parameters the model holds (the lm_head counted unless tied): what loading will allocate."""
+        attention = (
+            self.hidden_size * self.head_dim * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        )
+        attention += 2 * self.head_dim + self.hidden_size * 2  # q/k norms, the two layer norms
+        if self.attention_bias:
+            attention += (
+                self.head_dim * (self.num_attention_heads + 2 * self.num_key_value_heads) + self.hidden_size
+            )
+        dense = 3 * self.hidden_size * self.intermediate_size
+        sparse = (
+            self.num_experts * 3 * self.hidden_size * self.moe_intermediate_size
+            + self.num_experts * self.hidden_size
+        )
+        total = sum(
+            attention + (sparse if self.is_sparse_layer(i) else dense) for i in range(self.num_hidden_layers)
+        )
+        embeddings = self.vocab_size * self.hidden_size
+        return total + embeddings * (1 if self.tie_word_embeddings else 2) + self.hidden_size
 
     def to_dict(self) -> dict[str, Any]:
         """config.json in the official (transformers 4.51) dialect, which every loader reads."""

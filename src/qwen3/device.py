@@ -1,6 +1,10 @@
-"""Host-to-device copies that do not stall the host: the engine's small per-step index tensors."""
+"""Device facts and transfers: the host memory this process may still use, and host-to-device copies that
+do not stall the host (the engine's small per-step index tensors)."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -20,3 +24,34 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 def index_tensor(values: list[int], device: torch.device | str) -> torch.Tensor:
     """An int64 index tensor on ``device`` from host ints, without a host sync."""
     return to_device(torch.tensor(values, dtype=torch.long), device)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_cpu_memory() -> int:
+    """Bytes of RAM this process can still use: MemAvailable, capped by a cgroup (v2 or v1) limit."""
+    candidates = []
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    candidates.append(int(line.split()[1]) * 1024)
+                    break
+    except OSError:
+        pass
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        limit, usage = _read_int(Path(limit_file)), _read_int(Path(usage_file))
+        if limit is not None and usage is not None and limit < 1 << 60:
+            candidates.append(max(limit - usage, 0))
+    if not candidates:  # not Linux: what sysconf says
+        candidates.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return min(candidates)

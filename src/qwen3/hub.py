@@ -6,8 +6,10 @@ rules (local first, then the Hub cache, ``HF_HUB_OFFLINE`` honoured, clear error
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 # Files a Qwen3 folder may need: config, weights (single or sharded), tokenizer, generation config.
 MODEL_FILE_PATTERNS = [
@@ -21,6 +23,37 @@ MODEL_FILE_PATTERNS = [
 
 class ModelNotFoundError(FileNotFoundError):
     """The source is neither a local folder nor a Hub repo that can be reached or is cached."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded (config, weights, tokenizer, template); the message names
+    the file and, where it applies, the field or tensor."""
+
+
+def read_json(path: Path, required: bool = False) -> dict[str, Any]:
+    """A checkpoint's JSON file as a dict ({} when absent and not ``required``); anything unreadable or
+    not a JSON object raises :class:`CheckpointError` naming the file."""
+    if not path.is_file():
+        if required:
+            raise CheckpointError(f"{path}: no such file")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not a readable JSON file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
+def file_in(folder: Path, name: object, source: Path) -> Path:
+    """``folder / name`` for a file name some checkpoint file (``source``) gives, refused unless it stays
+    inside the folder: a relative path without ``..``. (Symlinks inside the folder are the folder's own
+    business; the Hub cache is made of them.)"""
+    parts = Path(name).parts if isinstance(name, str) and name else ()
+    if not parts or Path(name).is_absolute() or ".." in parts or any(c in name for c in "\\\0"):
+        raise CheckpointError(f"{source}: {name!r} is not a file name inside {folder}")
+    return folder / name
 
 
 def resolve_model_dir(source: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:

@@ -8,7 +8,6 @@ reasoning, content and tool calls.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -28,10 +27,10 @@ from qwen3.config import parse_dtype
 from qwen3.engine.attention import DECODE_GATHER_KEYS
 from qwen3.engine.llm_engine import STOP_THINKING_TEXT, EngineConfig, LLMEngine, ThinkingTokens
 from qwen3.engine.memory import default_budget, plan_kv_cache
-from qwen3.hub import resolve_model_dir
+from qwen3.hub import CheckpointError, read_json, resolve_model_dir
 from qwen3.layers import NoCache
 from qwen3.output_processor import RequestState
-from qwen3.sampling import RECOMMENDED, SamplingParams
+from qwen3.sampling import RECOMMENDED, SamplingError, SamplingParams
 from qwen3.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -169,11 +168,18 @@ class LLM:
             plan = plan_kv_cache(
                 config, cache_dtype, memory, "kv_cache_memory", block_size, max_num_seqs, max_model_len
             )
+        # The small files first, so a broken tokenizer or generation config fails before the weights load.
+        self.tokenizer = None if skip_tokenizer_init else Tokenizer.from_pretrained(tokenizer or folder)
+        generation_path = folder / "generation_config.json"
+        self.generation_config = read_json(generation_path)
+        try:
+            SamplingParams.from_generation_config(self.generation_config)  # its values must be valid
+            check_token_ids(self.generation_config.get("eos_token_id"))
+        except (SamplingError, ValueError) as exc:
+            raise CheckpointError(f"{generation_path}: {exc}") from None
         self.model = load_model(folder, dtype=dtype, device=device, progress=progress)
         if self.model.use_cpu_kernels():
             logger.info("using qwen3's CPU kernels (%s)", kernels.kernel_isa())
-        self.tokenizer = None if skip_tokenizer_init else Tokenizer.from_pretrained(tokenizer or folder)
-        self.generation_config = _read_json(folder / "generation_config.json")
         if plan is None:  # a share of what is free now that the weights are in
             peak = self._activation_peak(max_num_batched_tokens, max_num_seqs) if device.type == "cuda" else 0
             budget, source = default_budget(device, kv_cache_fraction, peak)
@@ -247,7 +253,7 @@ class LLM:
 
     def default_sampling_params(self, **overrides: Any) -> SamplingParams:
         """The checkpoint's generation_config.json defaults, with ``overrides`` on top."""
-        return SamplingParams.from_generation_config(self.model_dir, **overrides)
+        return SamplingParams.from_generation_config(self.generation_config, **overrides)
 
     # --- generation -------------------------------------------------------------------------------
 
@@ -376,9 +382,8 @@ class LLM:
                 seq_ids = []
                 params = job.params
                 for i in range(params.n):
-                    seed = params.seed + i if params.seed is not None else None
                     seq_id = f"{request_id}-{i}"
-                    seq_params = params.replace(seed=seed, n=1)
+                    seq_params = params.for_choice(i)
                     states[seq_id] = RequestState(
                         seq_id,
                         job.prompt_token_ids,
@@ -447,8 +452,11 @@ def _as_prompt_list(prompts: Any) -> list[str | list[int]]:
     return prompts
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def check_token_ids(value: Any) -> None:
+    """An ``eos_token_id`` as generation_config.json gives it: None, an id, or a list of ids."""
+    ids = value if isinstance(value, list) else [value] if value is not None else []
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"eos_token_id must be a token id or a list of them, got {value!r}")
 
 
 __all__ = ["LLM", "ChatOutput", "Completion", "RequestOutput", "default_model_dir"]

@@ -149,11 +149,22 @@ class RequestState:
         end = len(self.text)
         if not finished:
             for stop in self.params.stop:
-                for k in range(min(len(stop) - 1, end), 0, -1):
-                    if self.text.endswith(stop[:k]):
-                        end = min(end, len(self.text) - k)
-                        break
+                end = min(end, len(self.text) - _partial_match(self.text, stop))
         end = max(end, self.emitted)
         new = self.text[self.emitted : end]
         self.emitted = end
         return new
+
+
+def _partial_match(text: str, stop: str) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of ``stop`` (0 if none).
+
+    Candidates start where ``stop``'s first character occurs in the tail, tried from the longest; each try
+    is one C-level ``startswith``, so a step costs little even for long stop strings.
+    """
+    start = max(0, len(text) - len(stop) + 1)
+    while (start := text.find(stop[0], start)) >= 0:
+        if stop.startswith(text[start:]):
+            return len(text) - start
+        start += 1
+    return 0

@@ -12,14 +12,36 @@ seeded request samples the same tokens whatever else shares its batch (greedy ro
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from qwen3.device import index_tensor
+
+# Per-request bounds, so that no request's stop matching can slow a step for everyone (the holdback scans
+# every stop string against the text's tail each step).
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 512
+SEED_MIN, SEED_END = -(2**63), 2**64  # what torch.Generator.manual_seed accepts
+
+_FIELD_TYPES = {
+    "temperature": float, "top_p": float, "min_p": float, "presence_penalty": float,
+    "frequency_penalty": float, "repetition_penalty": float,
+    "top_k": int, "max_tokens": int, "seed": int, "logprobs": int, "n": int,
+}  # fmt: skip
+_OPTIONAL = {"max_tokens", "seed", "logprobs"}
+
+
+def _is(value: Any, kind: type) -> bool:
+    """An int (not a bool) for ``int``; a finite int or float (not a bool) for ``float``."""
+    if isinstance(value, bool):
+        return False
+    if kind is int:
+        return isinstance(value, int)
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 class SamplingError(ValueError):
@@ -54,6 +76,12 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        for name, kind in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if not (value is None and name in _OPTIONAL) and not _is(value, kind):
+                raise SamplingError(
+                    name, f"must be {'an integer' if kind is int else 'a number'}, got {value!r}"
+                )
         if self.top_k == -1:
             self.top_k = 0
         checks = [
@@ -63,15 +91,42 @@ class SamplingParams:
             ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("repetition_penalty", 0 < self.repetition_penalty <= 100, "must be in (0, 100]"),
             ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be >= 1"),
             ("n", self.n >= 1, "must be >= 1"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+            ("seed", self.seed is None or SEED_MIN <= self.seed < SEED_END, "must be in [-2**63, 2**64)"),
+            ("stop", len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            (
+                "stop",
+                all(len(s) <= MAX_STOP_CHARS for s in self.stop),
+                f"at most {MAX_STOP_CHARS} characters each",
+            ),
+            (
+                "stop_token_ids",
+                len(self.stop_token_ids) <= MAX_STOP_STRINGS,
+                f"at most {MAX_STOP_STRINGS} ids",
+            ),
+            ("stop_token_ids", all(_is(t, int) for t in self.stop_token_ids), "must be integers"),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), "must be true or false"),
         ]
         for name, ok, message in checks:
             if not ok:
-                raise SamplingError(name, f"{message}, got {getattr(self, name)!r}")
+                shown = repr(getattr(self, name))
+                raise SamplingError(
+                    name, f"{message}, got {shown[:80] + '...' if len(shown) > 80 else shown}"
+                )
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """Choice ``index`` of an ``n``-choice request as its own sequence: ``n=1``, seed ``seed + index``
+        (wrapped into the seed range, so any valid seed gives valid choice seeds)."""
+        seed = self.seed
+        if seed is not None:
+            seed += index
+            if seed >= SEED_END:
+                seed -= SEED_END - SEED_MIN
+        return self.replace(seed=seed, n=1)
 
     @property
     def greedy(self) -> bool:
@@ -85,17 +140,14 @@ class SamplingParams:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_generation_config(cls, folder: str | Path | None, **overrides: Any) -> SamplingParams:
-        """Defaults from a checkpoint's generation_config.json (do_sample false means greedy)."""
+    def from_generation_config(cls, generation_config: Mapping[str, Any], **overrides: Any) -> SamplingParams:
+        """Defaults from a checkpoint's parsed generation_config.json (do_sample false means greedy)."""
         values: dict[str, Any] = {}
-        path = Path(folder) / "generation_config.json" if folder else None
-        if path is not None and path.is_file():
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
-                if raw.get(key) is not None:
-                    values[key] = raw[key]
-            if raw.get("do_sample") is False:
-                values["temperature"] = 0.0
+        for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            if generation_config.get(key) is not None:
+                values[key] = generation_config[key]
+        if generation_config.get("do_sample") is False:
+            values["temperature"] = 0.0
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

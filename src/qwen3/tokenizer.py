@@ -12,14 +12,17 @@ import json
 import logging
 import numbers
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 
-from qwen3.hub import resolve_model_dir
+from qwen3.hub import CheckpointError, read_json, resolve_model_dir
+from qwen3.jinja_sandbox import compile_template
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +30,7 @@ logger = logging.getLogger(__name__)
 # ``\p{N}`` takes one digit at a time, so numbers are always split into single digits.
 PRETOKENIZE_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _REPLACEMENT_CHAR = "\ufffd"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 TOKENIZER_FILES = [
     "tokenizer.json",
     "tokenizer_config.json",
@@ -102,6 +106,33 @@ def build_backend(
     return backend
 
 
+def check_template(template: Any, path: Path) -> None:
+    """Fail at load, naming the file, for a chat template that is not a string or does not compile."""
+    if not isinstance(template, str):
+        raise CheckpointError(f"{path}: chat_template must be a string, got {type(template).__name__}")
+    try:
+        compile_template(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise CheckpointError(
+            f"{path}: the chat template does not compile (line {exc.lineno}: {exc.message})"
+        ) from None
+
+
+def _is_unicode(text: Any) -> bool:
+    return isinstance(text, str) and not _SURROGATE.search(text)
+
+
+def _invalid_text(text: Any) -> ValueError:
+    if not isinstance(text, str):
+        return ValueError(f"text must be a string, got {type(text).__name__}")
+    match = _SURROGATE.search(text)
+    if match is None:
+        return ValueError("text could not be encoded")
+    return ValueError(
+        f"text is not valid Unicode: a lone surrogate U+{ord(match.group()):04X} at character {match.start()}"
+    )
+
+
 class Tokenizer:
     """A Qwen3 tokenizer: encode/decode text, the chat template, and streaming detokenisation.
 
@@ -129,24 +160,43 @@ class Tokenizer:
         """
         folder = resolve_model_dir(source, allow_patterns=TOKENIZER_FILES)  # never fetch weights for this
         config_path = folder / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-        if (folder / "tokenizer.json").is_file():
-            backend = _Backend.from_file(str(folder / "tokenizer.json"))
-        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            if not config:
-                logger.warning(
-                    "%s has no tokenizer_config.json: no added tokens (<|im_end|>, <think>, ...)", folder
+        config = read_json(config_path)
+        try:
+            if (folder / "tokenizer.json").is_file():
+                backend_path = folder / "tokenizer.json"
+                backend = _Backend.from_file(str(backend_path))
+            elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+                backend_path = folder / "vocab.json"
+                if not config:
+                    logger.warning(
+                        "%s has no tokenizer_config.json: no added tokens (<|im_end|>, <think>, ...)", folder
+                    )
+                backend = build_backend(
+                    folder / "vocab.json", folder / "merges.txt", config.get("added_tokens_decoder")
                 )
-            backend = build_backend(
-                folder / "vocab.json", folder / "merges.txt", config.get("added_tokens_decoder")
-            )
-        else:
-            raise FileNotFoundError(f"{folder} has neither tokenizer.json nor vocab.json + merges.txt")
-        chat_template = config.pop("chat_template", None)
+            else:
+                raise FileNotFoundError(f"{folder} has neither tokenizer.json nor vocab.json + merges.txt")
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # the Rust library raises a bare Exception for a corrupt file
+            raise CheckpointError(
+                f"{backend_path}: not a readable tokenizer ({type(exc).__name__}: {exc})"
+            ) from None
+        for key in ("eos_token", "pad_token"):
+            if not isinstance(_token_content(config.get(key)), (str, type(None))):
+                raise CheckpointError(f"{config_path}: {key} must be a token string, got {config[key]!r}")
+        chat_template, template_path = config.pop("chat_template", None), config_path
         if isinstance(chat_template, list):  # legacy multi-template form: [{"name": ..., "template": ...}]
-            chat_template = {t["name"]: t["template"] for t in chat_template}.get("default")
+            named = {t.get("name"): t.get("template") for t in chat_template if isinstance(t, Mapping)}
+            chat_template = named.get("default")
         if (folder / "chat_template.jinja").is_file():
-            chat_template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+            template_path = folder / "chat_template.jinja"
+            try:
+                chat_template = template_path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CheckpointError(f"{template_path}: not a readable template ({exc})") from None
+        if chat_template is not None:
+            check_template(chat_template, template_path)
         return cls(backend, config, chat_template)
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
@@ -184,12 +234,22 @@ class Tokenizer:
         return folder
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; nothing is prepended or appended."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+        """Token ids of ``text``; nothing is prepended or appended. Text that is not valid Unicode (a lone
+        surrogate such as ``"\\ud800"``, which JSON can carry) raises ValueError saying where."""
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            raise _invalid_text(text) from None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """``encode`` over many texts, in parallel inside the Rust library."""
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        texts = list(texts)
+        try:
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        except TypeError:
+            raise next(
+                (_invalid_text(t) for t in texts if not _is_unicode(t)), ValueError("texts must be strings")
+            ) from None
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; invalid UTF-8 (e.g. half a character) becomes U+FFFD.

@@ -20,13 +20,12 @@ error at start-up, never a per-request surprise.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from qwen3.config import Qwen3Config
+from qwen3.device import available_cpu_memory
 
 logger = logging.getLogger(__name__)
 
@@ -43,37 +42,6 @@ def kv_bytes_per_token(config: Qwen3Config, dtype: torch.dtype) -> int:
     """Keys and values of one token in every layer."""
     element = torch.empty((), dtype=dtype).element_size()
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def available_cpu_memory() -> int:
-    """Bytes of RAM this process can still use: MemAvailable, capped by a cgroup (v2 or v1) limit."""
-    candidates = []
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    candidates.append(int(line.split()[1]) * 1024)
-                    break
-    except OSError:
-        pass
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
-        limit, usage = _read_int(Path(limit_file)), _read_int(Path(usage_file))
-        if limit is not None and usage is not None and limit < 1 << 60:
-            candidates.append(max(limit - usage, 0))
-    if not candidates:  # not Linux: what sysconf says
-        candidates.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    return min(candidates)
 
 
 @dataclass

@@ -8,7 +8,6 @@ finish, cancels what is left (which aborts those sequences), then the lifespan s
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import signal
@@ -40,8 +39,8 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class RequestMiddleware:
-    """Around every HTTP exchange: the API key check for ``/v1/``, the status count for ``/metrics``,
-    and giving back the exchange's admitted sequences when it ends, however it ends.
+    """Around every HTTP exchange: the API key check for ``/v1/``, the body size limit, the status count
+    for ``/metrics``, and giving back the exchange's admitted sequences when it ends, however it ends.
 
     A plain ASGI middleware rather than ``BaseHTTPMiddleware``, so streaming responses pass through
     untouched and a client's disconnect still reaches the stream.
@@ -51,7 +50,7 @@ class RequestMiddleware:
         self.app = app
         self.state = state
         key = state.config.api_key
-        self._expected = f"Bearer {key}".encode() if key else None
+        self._key = key.encode() if key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,35 +67,65 @@ class RequestMiddleware:
             await send(message)
 
         try:
-            if path.startswith("/v1/") and not self._authorized(scope):
-                error = APIError(
-                    401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key"
-                )
-                await error.response({"WWW-Authenticate": "Bearer"})(scope, receive, send_and_note)
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send_and_note)
                 return
-            await self.app(scope, receive, send_and_note)
+            await self.app(scope, self._bounded(receive), send_and_note)
         finally:
             self.state.release(scope)
             self.state.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
 
-    def _authorized(self, scope: Scope) -> bool:
-        if self._expected is None:
+    def _refusal(self, scope: Scope) -> JSONResponse | None:
+        """A 401 for a missing or wrong key on ``/v1/``, a 413 for a declared body over the limit."""
+        headers = dict(scope["headers"])
+        if scope["path"].startswith("/v1/") and not self._authorized(headers.get(b"authorization", b"")):
+            error = APIError(
+                401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key"
+            )
+            return error.response({"WWW-Authenticate": "Bearer"})
+        declared = headers.get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.state.config.max_request_bytes:
+            return self._too_large().response()
+        return None
+
+    def _authorized(self, given: bytes) -> bool:
+        """``Bearer KEY`` with the scheme in any case (RFC 9110 11.1), the key compared in constant time."""
+        if self._key is None:
             return True
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        return secrets.compare_digest(given, self._expected)
+        scheme, _, token = given.partition(b" ")
+        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self._key)
+
+    def _too_large(self) -> APIError:
+        limit = self.state.config.max_request_bytes
+        return APIError(
+            413, f"the request body exceeds {limit} bytes (--max-request-bytes)", code="request_too_large"
+        )
+
+    def _bounded(self, receive: Receive) -> Receive:
+        """``receive`` that refuses a body (chunked, or longer than declared) once it passes the limit."""
+        received = 0
+        limit = self.state.config.max_request_bytes
+
+        async def bounded() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise self._too_large()
+            return message
+
+        return bounded
 
 
 async def parse_body(request: Request, model: type[Body]) -> Body:
-    """The JSON body as ``model``; whatever the content type says (curl -d sends form encoding)."""
+    """The JSON body as ``model``, parsed and validated in one strict pass by pydantic's own JSON parser
+    (nesting depth capped, lone surrogates refused), whatever the content type says (curl -d sends form
+    encoding)."""
     raw = await request.body()
     try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise APIError(400, f"invalid JSON body: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    try:
-        return model.model_validate(data)
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
 

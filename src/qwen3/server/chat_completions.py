@@ -32,7 +32,6 @@ from qwen3.server.serving import (
     TokenText,
     Usage,
     chat_logprobs,
-    choice_params,
     merge,
     new_id,
     sse,
@@ -109,7 +108,7 @@ def _streams(
     return [
         state.metrics.observe(
             front.stream_chat(
-                dataclasses.replace(request, params=choice_params(request.params, i)),
+                dataclasses.replace(request, params=request.params.for_choice(i)),
                 f"{request_id}-{i}",
                 parse,
             ),

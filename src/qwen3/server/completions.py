@@ -20,7 +20,6 @@ from qwen3.server.serving import (
     ServerState,
     TokenText,
     Usage,
-    choice_params,
     completion_logprobs,
     merge,
     new_id,
@@ -52,7 +51,7 @@ def _streams(
     n = params.n
     return [
         state.metrics.observe(
-            front.stream(ids, choice_params(params, i), f"{request_id}-{p * n + i}"),
+            front.stream(ids, params.for_choice(i), f"{request_id}-{p * n + i}"),
             arrival,
         )
         for p, ids in enumerate(prompts)

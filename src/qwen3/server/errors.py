@@ -24,8 +24,12 @@ _TYPES = {
     401: "authentication_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    413: "invalid_request_error",
     503: "server_error",
 }
+RETRY_AFTER_SECONDS = (
+    1  # a full queue drains in about a step or a few; clients (the openai SDK too) honour it
+)
 
 
 class APIError(Exception):
@@ -50,6 +54,9 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        """The JSON response; a 503 says when to retry (``Retry-After``)."""
+        if self.status == 503:
+            headers = {"Retry-After": str(RETRY_AFTER_SECONDS), **(headers or {})}
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
@@ -78,6 +85,8 @@ def from_validation_error(exc: ValidationError | RequestValidationError, strip: 
     loc = tuple(first.get("loc", ()))[strip:]
     if first.get("type") == "json_invalid":
         return APIError(400, f"invalid JSON body: {first.get('msg')}", code="invalid_json")
+    if first.get("type") == "model_type" and not loc:
+        return APIError(400, "the request body must be a JSON object", code="invalid_json")
     param = param_path(loc)
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "missing":

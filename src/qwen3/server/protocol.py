@@ -1,8 +1,10 @@
 """The OpenAI request bodies qwen3 serves, as pydantic models that say which field is wrong.
 
 Only what the runtime can honour is modelled; any other field a client sends is ignored, as OpenAI and
-vLLM do (``extra="ignore"``). Types are checked here; value ranges of sampling fields are checked once,
-by :class:`qwen3.SamplingParams`, and reported under the name the client used (:data:`SAMPLING_PARAM_NAMES`).
+vLLM do (``extra="ignore"``). Types are checked strictly, as OpenAI's API does: ``true`` is not a number,
+``"5"`` is not an integer, NaN and infinities are not numbers (an integer is a valid float). Value ranges
+of sampling fields are checked once, by :class:`qwen3.SamplingParams`, and reported under the name the
+client used (``param_name``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ TOOL_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class TextPart(_Body):
@@ -121,7 +123,7 @@ class _CommonFields(_Body):
     max_tokens: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # vLLM extension
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    seed: int | None = None
     n: int = Field(default=1, ge=1, le=128)
     ignore_eos: bool = False  # vLLM extension
     stream: bool = False

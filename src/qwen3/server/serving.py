@@ -140,12 +140,6 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def choice_params(params: SamplingParams, index: int) -> SamplingParams:
-    """Choice ``index`` of an ``n``-choice request: its own sequence, seed ``seed + index``."""
-    seed = params.seed + index if params.seed is not None else None
-    return params.replace(seed=seed, n=1)
-
-
 async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
     """Items of several streams as they come, tagged with the stream's index.
 
