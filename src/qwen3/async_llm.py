@@ -100,6 +100,10 @@ class AsyncLLM:
                     self._states[request_id] = state
             elif command == "abort":
                 self._abort(args[0])
+            elif command == "finish_all":  # end every stream cleanly, held-back text and usage included
+                for request_id in list(self._states):
+                    self.engine.abort(request_id)  # frees its blocks now
+                    self._handle(EngineOutput(request_id, [], finished=True, finish_reason=args[0]))
 
     def _abort(self, request_id: str) -> None:
         self._states.pop(request_id, None)
@@ -229,6 +233,11 @@ class AsyncLLM:
 
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
+
+    def finish_all(self, reason: str = "abort") -> None:
+        """Finish every request in flight now: each stream gets a last delta with ``finish_reason`` set
+        to ``reason`` (a draining server's way to end streams properly rather than cut them)."""
+        self._send("finish_all", reason)
 
     # --- load, for admission control and metrics (approximate: read without the engine lock) -------
 

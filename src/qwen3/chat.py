@@ -13,13 +13,18 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Literal, NamedTuple
 
-from qwen3.jinja_sandbox import RenderLimits, compile_template, render_template  # noqa: F401 - re-exported
+from qwen3.jinja_sandbox import (  # noqa: F401 - compile_template re-exported
+    RenderLimits,
+    compile_template,
+    render_template,
+    template_globals,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +36,13 @@ _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker for contin
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+# Tags an assistant message's content may hold as the model wrote them (the template reads them).
+ASSISTANT_TAGS = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE)
+# Variables render() sets itself, which template variables passed to it may not replace.
+_RENDER_VARIABLES = frozenset(
+    {"messages", "tools", "documents", "add_generation_prompt", "enable_thinking", "continue_final_message",
+     "template", "limits"}
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- rendering
@@ -80,6 +92,19 @@ def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
     return out
 
 
+def check_template_variables(names: Iterable[Any]) -> None:
+    """Refuse template variable names that are not plain identifiers, or that would replace what
+    :func:`render` sets or a template global (``range``, ``namespace``, ``raise_exception``, ...)."""
+    reserved = _RENDER_VARIABLES | template_globals()
+    for name in names:
+        if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+            raise ValueError(f"template variable {name!r}: names are identifiers that do not start with '_'")
+        if name in reserved:
+            raise ValueError(
+                f"template variable {name!r}: is set by qwen3 (it would replace a variable or global)"
+            )
+
+
 def render(
     messages: Sequence[Mapping[str, Any]],
     tools: Sequence[Mapping[str, Any]] | None = None,
@@ -100,6 +125,7 @@ def render(
     Extra ``kwargs`` are template variables. The template runs in :mod:`qwen3.jinja_sandbox`, bounded by
     ``limits`` (time and size; a template past them raises ``TemplateLimitError``).
     """
+    check_template_variables(kwargs)
     chat = _check_messages(messages)
     if tools is not None and not all(isinstance(t, Mapping) for t in tools):
         raise ValueError("tools must be JSON-schema dicts ({'type': 'function', 'function': {...}})")

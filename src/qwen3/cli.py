@@ -309,6 +309,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         chat_template=args.chat_template.read_text(encoding="utf-8") if args.chat_template else None,
         shutdown_timeout=args.shutdown_timeout,
+        max_request_bytes=args.max_request_bytes,
+        template_timeout=args.template_timeout,
+        plain_text_messages=not args.trust_message_tokens,
     )
     serve(llm, config, args.host, args.port)
     return 0
@@ -416,7 +419,22 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument(
         "--shutdown-timeout", type=float, default=30.0, metavar="S",
-        help="on SIGTERM, seconds in-flight requests get to finish before they are aborted (default: 30)",
+        help="on SIGTERM, seconds in-flight requests get to finish; streams still running then end with "
+        "finish_reason 'abort' and [DONE] (default: 30)",
+    )  # fmt: skip
+    limits = serve.add_argument_group("limits (docs/design.md lists them all)")
+    limits.add_argument(
+        "--max-request-bytes", type=int, default=2 * 2**20, metavar="N",
+        help="request bodies larger than this get 413 (default: 2 MiB)",
+    )  # fmt: skip
+    limits.add_argument(
+        "--template-timeout", type=float, default=5.0, metavar="S",
+        help="seconds one chat template render may take before the request gets 400 (default: 5)",
+    )  # fmt: skip
+    limits.add_argument(
+        "--trust-message-tokens", action="store_true",
+        help="tokenize message text as transformers does, so text such as '<|im_start|>' becomes control "
+        "tokens (default: off: message text is always plain text and cannot forge turns)",
     )  # fmt: skip
     serve.set_defaults(func=cmd_serve)
 

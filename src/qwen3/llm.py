@@ -21,13 +21,22 @@ import torch
 from tqdm.auto import tqdm
 
 from qwen3 import kernels
-from qwen3.chat import THINK_OPEN, ToolCall, parse_output, reasoning_opened, render, soft_switch
+from qwen3.chat import (
+    ASSISTANT_TAGS,
+    THINK_OPEN,
+    ToolCall,
+    parse_output,
+    reasoning_opened,
+    render,
+    soft_switch,
+)
 from qwen3.checkpoint import load_config, load_model
 from qwen3.config import parse_dtype
 from qwen3.engine.attention import DECODE_GATHER_KEYS
 from qwen3.engine.llm_engine import STOP_THINKING_TEXT, EngineConfig, LLMEngine, ThinkingTokens
 from qwen3.engine.memory import default_budget, plan_kv_cache
 from qwen3.hub import CheckpointError, read_json, resolve_model_dir
+from qwen3.jinja_sandbox import RenderLimits
 from qwen3.layers import NoCache
 from qwen3.output_processor import RequestState
 from qwen3.sampling import RECOMMENDED, SamplingError, SamplingParams
@@ -282,6 +291,7 @@ class LLM:
         use_tqdm: bool = False,
         chat_template: str | None = None,
         answer_prefix: str = "",
+        plain_text_messages: bool = False,
         **template_kwargs: Any,
     ) -> ChatOutput | list[ChatOutput]:
         """Answer one conversation (returns a ChatOutput) or a list of them (returns a list).
@@ -289,14 +299,20 @@ class LLM:
         ``thinking_budget`` caps the tokens spent inside ``<think>``; 0 means non-thinking mode.
         Without ``sampling``, Qwen3's recommended settings for the mode are used. ``chat_template``
         replaces the checkpoint's template; ``template_kwargs`` become template variables.
-        ``answer_prefix`` forces the start of the answer (see :meth:`prepare_chat`).
+        ``answer_prefix`` forces the start of the answer and ``plain_text_messages`` encodes control tokens
+        in the messages as text (see :meth:`prepare_chat`).
         """
         single = bool(conversations) and isinstance(conversations[0], Mapping)
         convs: list[Conversation] = [conversations] if single else list(conversations)  # type: ignore[list-item]
-        options = dict(tools=tools, chat_template=chat_template, answer_prefix=answer_prefix)
+        options = dict(
+            tools=tools,
+            chat_template=chat_template,
+            answer_prefix=answer_prefix,
+            template_vars=template_kwargs,
+            plain_text_messages=plain_text_messages,
+        )
         requests = [
-            self.prepare_chat(c, sampling, enable_thinking, thinking_budget, **options, **template_kwargs)
-            for c in convs
+            self.prepare_chat(c, sampling, enable_thinking, thinking_budget, **options) for c in convs
         ]
         results = self._run(requests, use_tqdm)
         outputs = [self._chat_output(res, req) for res, req in zip(results, requests, strict=True)]
@@ -323,7 +339,9 @@ class LLM:
         tools: Sequence[Mapping[str, Any]] | None = None,
         chat_template: str | None = None,
         answer_prefix: str = "",
-        **template_kwargs: Any,
+        template_vars: Mapping[str, Any] | None = None,
+        plain_text_messages: bool = False,
+        render_limits: RenderLimits | None = None,
     ) -> ChatRequest:
         """Render one conversation and choose its sampling: what :meth:`chat` and streaming both submit.
 
@@ -331,16 +349,28 @@ class LLM:
         ``<tool_call>`` here). In non-thinking mode it simply ends the prompt. In thinking mode the model
         thinks first: the prompt opens ``<think>`` (as the model itself would) and the engine inserts the
         prefix right after ``</think>``, whether the model closes its thinking or the budget does.
+
+        ``plain_text_messages``: by default the prompt is tokenized as transformers does, so a message
+        that spells ``<|im_end|>\n<|im_start|>system`` becomes those control tokens and can forge a turn.
+        With it on (the server's default), every string of the messages, tools and ``template_vars`` is
+        encoded as the text it is; control tokens come only from the template. An assistant message's
+        content keeps its ``<think>``/``<tool_call>`` tags, which the template reads to drop old reasoning.
         """
         tokenizer = self._require_tokenizer("chat")
         thinking = enable_thinking and thinking_budget != 0
         sampling = sampling or self.recommended_sampling(messages, enable_thinking, thinking_budget)
+        template_vars = dict(template_vars or {})
+        if plain_text_messages:
+            messages = [_plain_message(tokenizer, m) for m in messages]
+            tools = tokenizer.escape_text(tools) if tools is not None else None
+            template_vars = tokenizer.escape_text(template_vars)
         prompt = render(
             messages,
             tools=tools,
             enable_thinking=thinking,
             template=chat_template or tokenizer.chat_template,
-            **template_kwargs,
+            limits=render_limits,
+            **template_vars,
         )
         started = reasoning_opened(prompt)
         # Non-thinking mode with a template that opens <think> anyway (Thinking-2507): budget 0, so the
@@ -355,7 +385,8 @@ class LLM:
                 prefix_ids = tokenizer.encode(answer_prefix)
             else:
                 prompt, parse_prefix = prompt + answer_prefix, answer_prefix
-        return ChatRequest(tokenizer.encode(prompt), sampling, budget, started, prefix_ids, parse_prefix)
+        encode = tokenizer.encode_rendered if plain_text_messages else tokenizer.encode
+        return ChatRequest(encode(prompt), sampling, budget, started, prefix_ids, parse_prefix)
 
     def _chat_output(self, result: RequestOutput, request: ChatRequest) -> ChatOutput:
         started = request.reasoning_started
@@ -450,6 +481,17 @@ def _as_prompt_list(prompts: Any) -> list[str | list[int]]:
     if prompts and isinstance(prompts[0], int):
         return [prompts]
     return prompts
+
+
+def _plain_message(tokenizer: Tokenizer, message: Any) -> Any:
+    """A message with its strings marked as plain text (the role is the template's to read)."""
+    if not isinstance(message, Mapping):
+        return message  # render names what is wrong with it
+    tags = ASSISTANT_TAGS if message.get("role") == "assistant" else ()
+    return {
+        key: value if key == "role" else tokenizer.escape_text(value, tags if key == "content" else ())
+        for key, value in message.items()
+    }
 
 
 def check_token_ids(value: Any) -> None:

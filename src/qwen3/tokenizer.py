@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 PRETOKENIZE_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _REPLACEMENT_CHAR = "\ufffd"
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Marks an added token inside user text (Tokenizer.escape_text): private-use characters around an index.
+_MARKER_OPEN, _MARKER_CLOSE = "\ue000", "\ue001"
+_MARKER = re.compile("\ue000(\\d+)\ue001")
 TOKENIZER_FILES = [
     "tokenizer.json",
     "tokenizer_config.json",
@@ -149,6 +152,12 @@ class Tokenizer:
         self.chat_template = chat_template
         self.eos_token: str | None = _token_content(self.config.get("eos_token"))
         self.pad_token: str | None = _token_content(self.config.get("pad_token"))
+        # built on first use by escape_text / encode_rendered
+        self._literal_list: list[str] | None = None
+        self._index: dict[str, int] | None = None
+        self._patterns: dict[frozenset[str], re.Pattern[str]] = {}
+        self._split: re.Pattern[str] | None = None
+        self._plain: _Backend | None = None
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike) -> Tokenizer:
@@ -281,6 +290,95 @@ class Tokenizer:
     def pad_token_id(self) -> int | None:
         """Id of tokenizer_config.json's ``pad_token`` (``<|endoftext|>`` for Qwen3)."""
         return self.token_to_id(self.pad_token) if self.pad_token else None
+
+    # --- user text as plain text -----------------------------------------------------------------------
+
+    def escape_text(self, value: Any, keep: Iterable[str] = ()) -> Any:
+        """``value`` (a string, or lists and dicts of them) with every added token it spells replaced by a
+        marker, so that :meth:`encode_rendered` encodes it as the plain text it is, never as a control id.
+
+        The marker (private-use characters around an index) survives rendering and normalisation; a
+        private-use marker character the text itself holds is marked too, so nothing can be confused.
+        ``keep``: added tokens to leave as they are (the reasoning and tool-call tags an assistant message's
+        content legitimately holds, which the template itself reads).
+        """
+        pattern = self._literal_pattern(frozenset(keep))
+        if isinstance(value, str):
+            return pattern.sub(self._mark, value) if pattern.search(value) else value
+        if isinstance(value, Mapping):
+            return {k: self.escape_text(v, keep) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.escape_text(v, keep) for v in value]
+        return value
+
+    def encode_rendered(self, prompt: str) -> list[int]:
+        """Token ids of a prompt rendered from :meth:`escape_text`-ed strings: added tokens the template
+        wrote are control ids; marked ones are encoded as plain text. For a prompt without markers this
+        is exactly :meth:`encode` (the library, too, cuts text at added tokens and encodes each piece)."""
+        ids: list[int] = []
+        added = self._added_ids()
+        for piece in self._added_split().split(prompt):
+            if not piece:
+                continue
+            token_id = added.get(piece)
+            if token_id is not None:
+                ids.append(token_id)
+                continue
+            text = _MARKER.sub(self._unmark, piece)
+            try:
+                ids += self._plain_backend().encode(text, add_special_tokens=False).ids
+            except TypeError:
+                raise _invalid_text(text) from None
+        return ids
+
+    def _literals(self) -> list[str]:
+        """What a marker's index stands for: the added tokens, then the marker character itself."""
+        if self._literal_list is None:
+            tokens = sorted(
+                {t.content for t in self.backend.get_added_tokens_decoder().values()},
+                key=lambda t: (-len(t), t),
+            )
+            self._literal_list = [*tokens, _MARKER_OPEN]
+        return self._literal_list
+
+    def _literal_pattern(self, keep: frozenset[str]) -> re.Pattern[str]:
+        pattern = self._patterns.get(keep)
+        if pattern is None:
+            literals = [t for t in self._literals() if t not in keep]
+            pattern = self._patterns[keep] = re.compile("|".join(map(re.escape, literals)))
+        return pattern
+
+    def _mark(self, match: re.Match[str]) -> str:
+        return f"{_MARKER_OPEN}{self._literal_index()[match.group()]}{_MARKER_CLOSE}"
+
+    def _unmark(self, match: re.Match[str]) -> str:
+        literals, index = self._literals(), int(match.group(1))
+        return literals[index] if index < len(literals) else match.group()  # not one of ours: as written
+
+    def _literal_index(self) -> dict[str, int]:
+        if self._index is None:
+            self._index = {t: i for i, t in enumerate(self._literals())}
+        return self._index
+
+    def _added_ids(self) -> dict[str, int]:
+        return {t.content: i for i, t in self.backend.get_added_tokens_decoder().items()}
+
+    def _added_split(self) -> re.Pattern[str]:
+        """Splits a prompt into added tokens (kept, as the capture group) and the text between them."""
+        if self._split is None:
+            tokens = self._literals()[:-1]
+            self._split = (
+                re.compile("(" + "|".join(map(re.escape, tokens)) + ")") if tokens else re.compile("(?!)")
+            )
+        return self._split
+
+    def _plain_backend(self) -> _Backend:
+        """The same pipeline with no added tokens: text through it is only ever text."""
+        if self._plain is None:
+            spec = json.loads(self.backend.to_str())
+            spec["added_tokens"] = []
+            self._plain = _Backend.from_str(json.dumps(spec))
+        return self._plain
 
     @property
     def special_token_ids(self) -> frozenset[int]:

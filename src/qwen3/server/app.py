@@ -8,17 +8,20 @@ finish, cancels what is left (which aborts those sequences), then the lifespan s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import signal
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from qwen3.async_llm import AsyncLLM
 from qwen3.llm import LLM
 from qwen3.server import chat_completions, completions
-from qwen3.server.errors import APIError, from_validation_error, install_handlers
+from qwen3.server.errors import APIError, ErrorResponse, from_validation_error, install_handlers
 from qwen3.server.metrics import CONTENT_TYPE, Metrics
 from qwen3.server.protocol import ChatCompletionRequest, CompletionRequest
 from qwen3.server.serving import ServerConfig, ServerState, unless_disconnected
@@ -141,6 +144,56 @@ def _model_card(state: ServerState, name: str) -> dict[str, Any]:
     }
 
 
+_ERROR_MEANINGS = {
+    400: "a field is invalid (``error.param`` names it)",
+    401: "missing or wrong API key",
+    404: "unknown model",
+    413: "the body exceeds --max-request-bytes",
+    503: "at capacity or the engine is down (see Retry-After)",
+}
+_SCHEMA_MODELS = (ChatCompletionRequest, CompletionRequest)
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse, "description": _ERROR_MEANINGS[status]} for status in statuses}
+
+
+def _documented(body: type[BaseModel], kind: str) -> dict[str, Any]:
+    """Route options that publish the request body (parsed by hand, see :func:`parse_body`), the SSE
+    alternative, and every error the route can answer, so /docs and schema-driven clients see it all."""
+    ref = {"$ref": f"#/components/schemas/{body.__name__}"}
+    return {
+        "openapi_extra": {
+            "requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}
+        },
+        "responses": {
+            200: {
+                "description": f"a {kind} object, or with stream: true a text/event-stream of chunks ending "
+                "in data: [DONE]",
+                "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}},
+            },
+            **_errors(400, 401, 404, 413, 503),
+        },
+    }
+
+
+def install_schema(app: FastAPI) -> None:
+    """Add the request models (and the models they use) to the OpenAPI components."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in _SCHEMA_MODELS:
+                model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(model_schema.pop("$defs", {}))
+                components[model.__name__] = model_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     """An OpenAI-compatible app serving ``llm``. The engine thread runs while the app's lifespan does."""
     state = ServerState(llm, config, Metrics())
@@ -148,16 +201,19 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         state.front = AsyncLLM(llm)
+        state.workers = ThreadPoolExecutor(config.prepare_threads, thread_name_prefix="qwen3-prepare")
         state.metrics.watch_engine(state.front)
         logger.info("serving %s as %s", llm.model_dir, ", ".join(config.served_model_names))
         try:
             yield
         finally:
             logger.info("stopping the engine")
+            state.workers.shutdown(wait=False, cancel_futures=True)
             state.front.shutdown()
 
     app = FastAPI(title="qwen3", summary="OpenAI-compatible Qwen3 server", lifespan=lifespan)
     app.state.qwen3 = state
+    install_schema(app)
     install_handlers(app)
     app.add_middleware(RequestMiddleware, state=state)
 
@@ -174,22 +230,22 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         """Prometheus text exposition."""
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_errors(401))
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(state, name) for name in config.served_model_names]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=_errors(401, 404))
     async def model(model_id: str) -> dict[str, Any]:
         state.check_model(model_id)
         return _model_card(state, model_id)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **_documented(ChatCompletionRequest, "chat.completion"))
     async def chat(request: Request) -> Response:
         arrival = time.perf_counter()
         body = await parse_body(request, ChatCompletionRequest)
         state.check_model(body.model)
         front = state.engine_front()
-        prepared = chat_completions.prepare(state, body)
+        prepared = await state.off_loop(chat_completions.prepare, state, body)
         state.admit(request.scope, body.n)
         state.metrics.prompt_tokens.inc(len(prepared.prompt_token_ids))
         if body.stream:
@@ -200,13 +256,13 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         )
         return JSONResponse(result)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **_documented(CompletionRequest, "text_completion"))
     async def complete(request: Request) -> Response:
         arrival = time.perf_counter()
         body = await parse_body(request, CompletionRequest)
         state.check_model(body.model)
         front = state.engine_front()
-        prompts, params = completions.prepare(state, body)
+        prompts, params = await state.off_loop(completions.prepare, state, body)
         state.admit(request.scope, len(prompts) * body.n)
         state.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         if body.stream:
@@ -225,17 +281,43 @@ def _after_shutdown(signum: int, _frame: Any) -> None:
     logger.info("shut down on %s", signal.Signals(signum).name)
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, plus: when a shutdown starts, streams still running just before the graceful
+    timeout are finished by the engine (``finish_reason`` "abort", then ``[DONE]``), so no client sees a
+    cut chunked body; uvicorn then finds every exchange done and exits without cancelling any."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        timeout = self.config.timeout_graceful_shutdown or 0.0
+        drain = asyncio.create_task(_finish_streams_before(self.state, timeout - min(1.0, timeout / 2)))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            drain.cancel()
+
+
+async def _finish_streams_before(state: ServerState, seconds: float) -> None:
+    await asyncio.sleep(max(seconds, 0.0))
+    if state.front is not None and state.admitted:
+        logger.info("shutdown timeout near: finishing %d sequence(s) in flight", state.admitted)
+        state.front.finish_all("abort")
+
+
 def serve(llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve ``llm`` until SIGTERM or Ctrl+C, then shut down gracefully and return."""
     app = create_app(llm, config)
-    server = uvicorn.Server(
+    server = DrainingServer(
         uvicorn.Config(
             app,
             host=host,
             port=port,
             log_config=None,  # the qwen3 command's logging setup applies
             timeout_graceful_shutdown=config.shutdown_timeout,
-        )
+        ),
+        app.state.qwen3,
     )
     handled = (signal.SIGINT, signal.SIGTERM)
     main_thread = threading.current_thread() is threading.main_thread()

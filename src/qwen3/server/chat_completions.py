@@ -22,7 +22,8 @@ from typing import Any
 import jinja2
 
 from qwen3.async_llm import AsyncLLM
-from qwen3.chat import parse_output
+from qwen3.chat import check_template_variables, parse_output
+from qwen3.jinja_sandbox import RenderLimits, TemplateLimitError
 from qwen3.llm import ChatRequest
 from qwen3.server.errors import APIError
 from qwen3.server.protocol import ChatCompletionRequest, NamedToolChoice, tool_call_prefix
@@ -39,14 +40,12 @@ from qwen3.server.serving import (
 
 logger = logging.getLogger(__name__)
 
-# Template variables the server sets itself; chat_template_kwargs may not override them.
-RESERVED_TEMPLATE_VARS = frozenset(
-    {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "template"}
-)
-
 
 def prepare(state: ServerState, body: ChatCompletionRequest) -> ChatRequest:
-    """Render the conversation and pick sampling; every mistake is a 400 naming the field."""
+    """Render the conversation and pick sampling; every mistake is a 400 naming the field.
+
+    Blocking work (rendering, tokenizing): the app runs it on a worker thread, off the event loop.
+    """
     llm = state.llm
     messages = [message.to_template() for message in body.messages]
     template_vars = dict(body.chat_template_kwargs or {})
@@ -54,13 +53,16 @@ def prepare(state: ServerState, body: ChatCompletionRequest) -> ChatRequest:
     if not isinstance(enable_thinking, bool):
         name = "chat_template_kwargs.enable_thinking"
         raise APIError(400, f"{name}: must be true or false", param=name)
-    reserved = sorted(RESERVED_TEMPLATE_VARS & template_vars.keys())
-    if reserved:
-        name = f"chat_template_kwargs.{reserved[0]}"
-        raise APIError(400, f"{name}: is set by the server", param=name)
+    for key in template_vars:
+        try:
+            check_template_variables([key])
+        except ValueError as exc:
+            name = f"chat_template_kwargs.{key}"
+            raise APIError(400, f"chat_template_kwargs: {exc}", param=name) from None
     tools, prefix = _tools(body)
     defaults = llm.recommended_sampling(messages, enable_thinking, body.thinking_budget)
     params = state.sampling(defaults, body.sampling_overrides(), body.param_name)
+    config = state.config
     try:
         request = llm.prepare_chat(
             messages,
@@ -68,10 +70,17 @@ def prepare(state: ServerState, body: ChatCompletionRequest) -> ChatRequest:
             enable_thinking,
             body.thinking_budget,
             tools,
-            state.config.chat_template,
+            config.chat_template,
             prefix,
-            **template_vars,
+            template_vars=template_vars,
+            plain_text_messages=config.plain_text_messages,
+            render_limits=RenderLimits(
+                seconds=config.template_timeout, max_chars=config.max_request_bytes * 4
+            ),
         )
+    except TemplateLimitError as exc:
+        logger.warning("chat template refused a request: %s", exc)
+        raise APIError(400, f"messages: {exc}", param="messages", code="template_limit") from None
     except (ValueError, jinja2.TemplateError) as exc:
         raise APIError(400, f"messages: {exc}", param="messages") from None
     state.check_prompt(request.prompt_token_ids, params, "messages", body.param_name, request)

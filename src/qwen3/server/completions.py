@@ -34,7 +34,13 @@ def prepare(state: ServerState, body: CompletionRequest) -> tuple[list[list[int]
     llm = state.llm
     overrides = {**body.sampling_overrides(), "n": body.n}
     params = state.sampling(llm.default_sampling_params(), overrides, body.param_name)
-    prompts = [llm.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
+    prompts = []
+    for i, prompt in enumerate(body.prompts()):
+        try:
+            prompts.append(llm.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))
+        except ValueError as exc:
+            name = "prompt" if len(body.prompts()) == 1 else f"prompt[{i}]"
+            raise APIError(400, f"{name}: {exc}", param=name) from None
     for i, ids in enumerate(prompts):
         state.check_prompt(ids, params, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
     return prompts, params

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,19 @@ _TYPES = {
 RETRY_AFTER_SECONDS = (
     1  # a full queue drains in about a step or a few; clients (the openai SDK too) honour it
 )
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every refusal's body (documented in the OpenAPI schema for each status a route can answer)."""
+
+    error: ErrorDetail
 
 
 class APIError(Exception):

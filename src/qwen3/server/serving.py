@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -45,12 +46,20 @@ class ServerConfig:
     max_queue: int = 256  # sequences that may wait beyond the running batch before 503
     chat_template: str | None = None  # replaces the checkpoint's template (e.g. a Thinking-2507 one)
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
+    max_request_bytes: int = 2 * 2**20  # request bodies beyond this get 413 (the template's output: 4x)
+    template_timeout: float = 5.0  # seconds one chat template render may take
+    plain_text_messages: bool = True  # control tokens only from the template, never from message text
+    prepare_threads: int = 4  # worker threads that render and tokenize requests off the event loop
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
             raise ValueError("served_model_names must name at least one model")
-        if self.max_queue < 0:
-            raise ValueError("max_queue must be >= 0")
+        for name in ("max_queue", "shutdown_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in ("max_request_bytes", "template_timeout", "prepare_threads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
 
 
 @dataclass
@@ -61,6 +70,14 @@ class ServerState:
     front: AsyncLLM | None = None  # started by the app's lifespan
     admitted: int = 0  # sequences held by requests in flight
     created: int = field(default_factory=lambda: int(time.time()))
+    workers: ThreadPoolExecutor | None = None  # started by the app's lifespan
+
+    async def off_loop(self, work: Callable[..., T], *args: Any) -> T:
+        """Run blocking request work (render, tokenize, validate) on a worker thread, so the event loop
+        keeps serving other streams and /health however large or slow one request is."""
+        if self.workers is None:
+            raise APIError(503, "the server is not running", code="engine_unavailable")
+        return await asyncio.get_running_loop().run_in_executor(self.workers, work, *args)
 
     @property
     def model_name(self) -> str:
