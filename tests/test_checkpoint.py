@@ -104,6 +104,59 @@ def test_index_naming_a_missing_shard(tmp_path):
         load_model(folder)
 
 
+@pytest.mark.parametrize(
+    "shard",
+    ["/etc/hostname", "../outside.safetensors", "sub/../../x.safetensors", "", 5, None, "a\\b.safetensors"],
+)
+def test_index_paths_stay_inside_the_folder(bad, shard, monkeypatch):
+    (bad / SINGLE_FILE).rename(bad / "model-00001-of-00001.safetensors")
+    weight_map = dict.fromkeys(
+        load_file(bad / "model-00001-of-00001.safetensors"), "model-00001-of-00001.safetensors"
+    )
+    weight_map["lm_head.weight"] = shard
+    (bad / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
+    opened = []
+    real_open = type(bad).is_file
+    monkeypatch.setattr(type(bad), "is_file", lambda path: opened.append(str(path)) or real_open(path))
+    with pytest.raises(CheckpointError, match=r"index\.json: .* is not a file name inside"):
+        load_model(bad)
+    assert not any("hostname" in p or "outside" in p for p in opened)  # refused before it was looked at
+
+
+@pytest.mark.parametrize("index", ["[]", '{"weight_map": []}', '{"weight_map": "x"}', "{", '{"other": 1}'])
+def test_malformed_index(bad, index):
+    (bad / INDEX_FILE).write_text(index)
+    with pytest.raises(CheckpointError, match=r"index\.json"):
+        load_model(bad)
+
+
+@pytest.mark.parametrize("config", ["[1, 2]", '"text"', "{", '{"model_type": "qwen3", "vocab_size": "big"}'])
+def test_malformed_config_json(bad, config):
+    (bad / "config.json").write_text(config)
+    with pytest.raises(CheckpointError, match=r"config\.json"):
+        load_model(bad)
+
+
+def test_a_config_too_large_for_this_machine_fails_before_allocating(bad, monkeypatch):
+    edit_config(bad, vocab_size=2**22, hidden_size=2**16, intermediate_size=2**18, num_hidden_layers=1024)
+    monkeypatch.setattr(torch.nn.Module, "to_empty", lambda *a, **k: pytest.fail("allocated"))
+    with pytest.raises(CheckpointError, match=r"config\.json: the model it describes needs .* GiB"):
+        load_model(bad)
+
+
+@pytest.mark.parametrize(
+    "generation", ['{"temperature": "hot"}', '{"top_k": -5}', '{"eos_token_id": "x"}', "[]", "{"]
+)
+def test_malformed_generation_config_fails_before_the_weights(bad, generation, monkeypatch):
+    from qwen3 import checkpoint, llm
+
+    (bad / "generation_config.json").write_text(generation)
+    monkeypatch.setattr(llm, "load_model", lambda *a, **k: pytest.fail("weights loaded first"))
+    with pytest.raises(CheckpointError, match=r"generation_config\.json"):
+        llm.LLM(str(bad), skip_tokenizer_init=True, kv_cache_memory="4MiB", progress=False)
+    assert checkpoint.CheckpointError is CheckpointError
+
+
 def test_pickled_weights_are_never_loaded(bad, monkeypatch):
     (bad / SINGLE_FILE).rename(bad / "pytorch_model.bin")
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load (pickle) was called"))

@@ -104,3 +104,90 @@ def test_round_trip_through_to_dict():
 def test_bad_configs(raw, message):
     with pytest.raises(ConfigError, match=message):
         Qwen3Config.from_dict(raw)
+
+
+MOE = {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"vocab_size": 10**12}, "vocab_size must be an integer in"),
+        ({"num_hidden_layers": 10**6}, "num_hidden_layers must be an integer in"),
+        ({"head_dim": 0}, "head_dim must be an integer in"),
+        ({"hidden_size": "1024"}, "hidden_size must be an integer"),
+        ({"num_attention_heads": None}, "num_attention_heads must be an integer"),
+        ({"intermediate_size": 3.5}, "intermediate_size must be an integer"),
+        ({"num_key_value_heads": True}, "num_key_value_heads must be an integer"),
+        ({"rms_norm_eps": "1e-6"}, "rms_norm_eps must be a number"),
+        ({"rms_norm_eps": 0}, "rms_norm_eps must be a number in"),
+        ({"rope_theta": -1}, "rope_theta must be a number"),
+        ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
+        ({"eos_token_id": "151645"}, "eos_token_id must be a token id"),
+        ({"eos_token_id": [151645, 10**9]}, "eos_token_id must be a token id"),
+        ({"bos_token_id": 200000}, "outside the vocabulary"),
+        ({"rope_scaling": [1, 2]}, "rope_scaling must be an object"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": "4"}}, "rope_scaling.factor"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 0}}, "original"),
+        ({"mlp_only_layers": "all"}, "mlp_only_layers must be a list"),
+        ({**MOE, "num_experts": 8, "mlp_only_layers": [99]}, "outside"),
+        ({**MOE, "num_experts": -1}, "num_experts must be an integer"),
+        ({**MOE, "num_local_experts": "8"}, "num_experts must be an integer"),
+        ({"architectures": "Qwen3ForCausalLM"}, "do not match"),
+    ],
+)  # fmt: skip
+def test_every_field_is_checked_before_anything_is_built(spec_dir, change, message):
+    raw = {**json.loads((spec_dir / "hf_qwen3_0.6b" / "config.json").read_text()), **change}
+    with pytest.raises(ConfigError, match=message):
+        Qwen3Config.from_dict(raw)
+
+
+def test_a_config_that_is_not_an_object(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2, 3]")
+    with pytest.raises(ConfigError, match="config.json: config.json must hold a JSON object"):
+        Qwen3Config.from_file(tmp_path / "config.json")
+
+
+def test_num_parameters_is_what_the_model_holds(spec_dir):
+    import torch
+
+    from qwen3.model import model_class
+
+    released = json.loads((spec_dir / "qwen3_configs.json").read_text())["models"]
+    for name in ("Qwen3-0.6B", "Qwen3-30B-A3B"):
+        config = Qwen3Config.from_dict(released[name]["config.json"])
+        with torch.device("meta"):
+            model = model_class(config)(config)
+        assert config.num_parameters() == sum(p.numel() for p in model.parameters())
+
+
+def test_random_mutations_load_or_fail_with_config_error(spec_dir):
+    """Property: any field set to any JSON value either builds a config or raises ConfigError."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    base = json.loads((spec_dir / "hf_qwen3_0.6b" / "config.json").read_text())
+    json_values = st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**70), 2**70)
+        | st.floats(allow_nan=False)
+        | st.text(max_size=5),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+        max_leaves=6,
+    )
+    fields = [*base, "rope_parameters", "num_local_experts", "num_experts", "mlp_only_layers", "dtype"]
+
+    @hypothesis.settings(max_examples=400, deadline=None)
+    @hypothesis.given(
+        st.dictionaries(st.sampled_from(fields), json_values, min_size=1, max_size=3), st.booleans()
+    )
+    def check(changes, moe):
+        raw = {**base, **(MOE if moe else {})}
+        raw.update(changes)
+        try:
+            config = Qwen3Config.from_dict(raw)
+        except ConfigError:
+            return
+        assert config.num_parameters() > 0 and config.head_dim % 2 == 0
+
+    check()

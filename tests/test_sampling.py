@@ -136,6 +136,19 @@ def test_the_sampler_never_sorts_the_vocabulary_for_top_k(monkeypatch):
         ({"n": 0}, "n"),
         ({"stop": [""]}, "stop"),
         ({"logprobs": 50}, "logprobs"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"top_k": 2.0}, "top_k"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_p": "0.5"}, "top_p"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"stop": ["x"] * 65}, "stop"),
+        ({"stop": ["x" * 513]}, "stop"),
+        ({"stop_token_ids": list(range(65))}, "stop_token_ids"),
+        ({"stop_token_ids": [True]}, "stop_token_ids"),
+        ({"repetition_penalty": 1e9}, "repetition_penalty"),
+        ({"ignore_eos": 1}, "ignore_eos"),
     ],
 )
 def test_invalid_parameters_name_the_field(kwargs, field):
@@ -149,3 +162,40 @@ def test_generation_config_defaults(spec_dir):
         json.loads((spec_dir / "hf_qwen3_0.6b" / "generation_config.json").read_text()), max_tokens=9
     )
     assert (params.temperature, params.top_p, params.top_k, params.max_tokens) == (0.6, 0.95, 20, 9)
+
+
+def test_choice_seeds_wrap_into_the_seed_range():
+    assert SamplingParams(seed=10, n=3).for_choice(2).seed == 12
+    top = SamplingParams(seed=2**64 - 1, n=4)
+    seeds = [top.for_choice(i).seed for i in range(4)]
+    assert seeds == [2**64 - 1, -(2**63), -(2**63) + 1, -(2**63) + 2]
+    for seed in seeds:
+        torch.Generator().manual_seed(seed)  # every one is a seed torch accepts
+    assert SamplingParams(n=2).for_choice(1).seed is None and SamplingParams(n=2).for_choice(1).n == 1
+
+
+def test_any_parameters_are_valid_or_a_sampling_error():
+    """Property: whatever values arrive, SamplingParams either accepts them or names the field."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    value = (
+        st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=3)
+        | st.lists(st.text(max_size=3) | st.integers(), max_size=3)
+    )  # fmt: skip
+    names = [
+        "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+        "repetition_penalty", "max_tokens", "stop", "stop_token_ids", "seed", "logprobs", "n", "ignore_eos",
+    ]  # fmt: skip
+
+    @hypothesis.settings(max_examples=500, deadline=None)
+    @hypothesis.given(st.dictionaries(st.sampled_from(names), value, max_size=4))
+    def check(kwargs):
+        try:
+            params = SamplingParams(**kwargs)
+        except SamplingError as exc:
+            assert exc.field in names
+            return
+        params.for_choice(3)
+        assert params.temperature >= 0 and 0 < params.top_p <= 1
+
+    check()

@@ -190,7 +190,7 @@ class Qwen3Config:
         if not isinstance(raw, dict):
             raise ConfigError(f"config.json must hold a JSON object, got a {type(raw).__name__}")
         model_type = raw.get("model_type")
-        if model_type not in ARCHITECTURES:
+        if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
             raise ConfigError(
                 f"model_type {model_type!r} is not a Qwen3 model; qwen3 loads {sorted(ARCHITECTURES)}"
             )

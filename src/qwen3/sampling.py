@@ -74,8 +74,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise SamplingError(name, f"must be a list, got {value!r}")
+            setattr(self, name, list(value or []))
         for name, kind in _FIELD_TYPES.items():
             value = getattr(self, name)
             if not (value is None and name in _OPTIONAL) and not _is(value, kind):
@@ -100,7 +103,7 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             (
                 "stop",
-                all(len(s) <= MAX_STOP_CHARS for s in self.stop),
+                all(not isinstance(s, str) or len(s) <= MAX_STOP_CHARS for s in self.stop),
                 f"at most {MAX_STOP_CHARS} characters each",
             ),
             (

@@ -1,0 +1,102 @@
+"""qwen3.jinja_sandbox: runaway chat templates stop with a clear error, fast; honest ones render unchanged."""
+
+from __future__ import annotations
+
+import time
+
+import jinja2
+import pytest
+
+from qwen3.chat import builtin_template, check_template_variables, render
+from qwen3.jinja_sandbox import RenderLimits, TemplateLimitError, render_template, template_globals
+
+U = [{"role": "user", "content": "hi"}]
+FAST = RenderLimits(seconds=0.5)
+
+RUNAWAY = {
+    "nested loops": "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+    "nested output": "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}",
+    "loops over messages": "{% for a in range(100000) %}{% for m in messages %}{% for c in m.content %}"
+    "{% endfor %}{% endfor %}{% endfor %}",
+    "string repeat": "{{ 'x' * 1000000000 }}",
+    "list repeat": "{{ [1, 2] * 1000000000 }}",
+    "huge power": "{{ 9 ** 99999999 }}",
+    "doubling with +": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
+    "{% endfor %}",
+    "doubling with ~": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+    "{% endfor %}",
+    "center filter": "{{ 'x'|center(1000000000) }}",
+    "indent filter": "{{ 'a\nb'|indent(1000000000) }}",
+    "batch filter": "{{ [1]|batch(1000000000, 'x')|list }}",
+    "ljust method": "{{ 'x'.ljust(1000000000) }}",
+    "format width": "{{ '{:>1000000000}'.format(1) }}",
+    "format width argument": "{{ '{:>{w}}'.format(1, w=1000000000) }}",
+    "percent width": "{{ '%1000000000d' % 1 }}",
+    "format filter width": "{{ '%1000000000d'|format(1) }}",
+    "macro recursion": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "output flood": "{% for a in range(100000) %}{% for b in range(1000) %}xxxxxxxxxxxxxxxx{% endfor %}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("template", RUNAWAY.values(), ids=RUNAWAY.keys())
+def test_runaway_templates_stop_with_a_clear_error(template: str) -> None:
+    start = time.perf_counter()
+    with pytest.raises(TemplateLimitError, match="chat template"):
+        render(U, template=template, limits=FAST)
+    assert time.perf_counter() - start < FAST.seconds + 2.0
+
+
+def test_output_and_value_sizes_follow_the_limit() -> None:
+    small = RenderLimits(max_chars=1000)
+    assert len(render(U, template="{{ 'x' * 1000 }}", limits=small)) == 1000
+    with pytest.raises(TemplateLimitError, match="1000"):
+        render(U, template="{{ 'x' * 1001 }}", limits=small)
+    with pytest.raises(TemplateLimitError, match="output exceeds 1000"):
+        render(U, template="{% for i in range(300) %}abcd{% endfor %}", limits=small)
+
+
+def test_template_bugs_are_template_errors() -> None:
+    for template in ("{{ 1 / 0 }}", "{{ messages[5].role.x }}", "{{ 'a' + 1 }}"):
+        with pytest.raises(jinja2.TemplateError):
+            render(U, template=template)
+
+
+def test_loop_semantics_survive_the_guard() -> None:
+    """The guard wraps each loop's iterable; loop.length, loop.last, filters, else and recursion still work."""
+    template = (
+        "{% for m in messages %}{{ loop.index }}/{{ loop.length }}{{ '!' if loop.last }} {% endfor %}"
+        "{% for x in [3, 1, 2]|sort if x > 1 %}{{ x }}{% else %}none{% endfor %}"
+        "{% for x in [] %}{{ x }}{% else %}-empty{% endfor %}"
+        "{% for k, v in {'a': 1}.items() %} {{ k }}={{ v }}{% endfor %}"
+        "{% for node in tree recursive %}[{{ node.name }}{{ loop(node.children) }}]{% endfor %}"
+    )
+    tree = [{"name": "a", "children": [{"name": "b", "children": []}]}]
+    out = render([*U, *U], template=template, tree=tree)
+    assert out == "1/2 2/2! 23-empty a=1[a[b]]"
+
+
+def test_the_builtin_template_renders_within_default_limits_without_the_guard_changing_it() -> None:
+    messages = [{"role": "user", "content": "q" * 10000}, {"role": "assistant", "content": "a"}, *U]
+    unguarded = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    ).from_string(builtin_template())
+    expected = unguarded.render(messages=messages, tools=None, add_generation_prompt=True)
+    assert render(messages, enable_thinking=True) == expected
+
+
+def test_limits_apply_per_render_and_unbounded_outside() -> None:
+    slow = "{% for a in range(3000) %}{% for b in range(300) %}{% endfor %}{% endfor %}"  # ~1M iterations
+    with pytest.raises(TemplateLimitError):
+        render_template(slow, RenderLimits(seconds=0.01))
+    assert render_template(slow, RenderLimits(seconds=60)) == ""  # the same compiled template, a new budget
+
+
+def test_template_variables_may_not_shadow_globals_or_render_parameters() -> None:
+    assert {"range", "namespace", "raise_exception", "strftime_now"} <= template_globals()
+    assert "lipsum" not in template_globals()
+    for name in ("messages", "tools", "template", "limits", "range", "namespace", "_secret", "not-a-name", 3):
+        with pytest.raises(ValueError, match="template variable"):
+            check_template_variables([name])
+    check_template_variables(["custom_instructions", "eos_token"])
+    with pytest.raises(ValueError, match="'range'"):
+        render(U, range=5)
