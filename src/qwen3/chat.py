@@ -38,10 +38,11 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 # Tags an assistant message's content may hold as the model wrote them (the template reads them).
 ASSISTANT_TAGS = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE)
-# Variables render() sets itself, which template variables passed to it may not replace.
+# Variables render() sets itself, which template variables passed to it may not replace ("self" is the
+# first parameter of jinja's own Template.render/generate).
 _RENDER_VARIABLES = frozenset(
     {"messages", "tools", "documents", "add_generation_prompt", "enable_thinking", "continue_final_message",
-     "template", "limits"}
+     "template", "limits", "self"}
 )  # fmt: skip
 
 

@@ -32,7 +32,7 @@ from qwen3.server import chat_completions, completions
 from qwen3.server.errors import APIError, ErrorResponse, from_validation_error, install_handlers
 from qwen3.server.metrics import CONTENT_TYPE, Metrics
 from qwen3.server.protocol import ChatCompletionRequest, CompletionRequest
-from qwen3.server.serving import ServerConfig, ServerState, unless_disconnected
+from qwen3.server.serving import LARGE_REQUEST_BYTES, ServerConfig, ServerState, unless_disconnected
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ async def parse_body(request: Request, model: type[Body]) -> Body:
     (nesting depth capped, lone surrogates refused), whatever the content type says (curl -d sends form
     encoding)."""
     raw = await request.body()
+    request.state.body_bytes = len(raw)
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
@@ -245,7 +246,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         body = await parse_body(request, ChatCompletionRequest)
         state.check_model(body.model)
         front = state.engine_front()
-        prepared = await state.off_loop(chat_completions.prepare, state, body)
+        large = request.state.body_bytes >= LARGE_REQUEST_BYTES
+        prepared = await state.off_loop(chat_completions.prepare, state, body, large=large)
         state.admit(request.scope, body.n)
         state.metrics.prompt_tokens.inc(len(prepared.prompt_token_ids))
         if body.stream:
@@ -262,7 +264,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         body = await parse_body(request, CompletionRequest)
         state.check_model(body.model)
         front = state.engine_front()
-        prompts, params = await state.off_loop(completions.prepare, state, body)
+        large = request.state.body_bytes >= LARGE_REQUEST_BYTES
+        prompts, params = await state.off_loop(completions.prepare, state, body, large=large)
         state.admit(request.scope, len(prompts) * body.n)
         state.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         if body.stream:

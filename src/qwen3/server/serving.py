@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.types import Scope
 
 from qwen3.async_llm import AsyncLLM, StreamDelta
+from qwen3.device import release_memory
 from qwen3.engine.llm_engine import RequestError
 from qwen3.llm import LLM, ChatRequest
 from qwen3.sampling import SamplingError, SamplingParams
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ADMITTED_KEY = "qwen3.admitted"  # scope key: sequences this HTTP exchange holds (released when it ends)
+LARGE_REQUEST_BYTES = 256 * 2**10  # bodies from this size on: the worker trims the heap after preparing them
 
 
 @dataclass
@@ -72,12 +74,21 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     workers: ThreadPoolExecutor | None = None  # started by the app's lifespan
 
-    async def off_loop(self, work: Callable[..., T], *args: Any) -> T:
+    async def off_loop(self, work: Callable[..., T], *args: Any, large: bool = False) -> T:
         """Run blocking request work (render, tokenize, validate) on a worker thread, so the event loop
-        keeps serving other streams and /health however large or slow one request is."""
+        keeps serving other streams and /health however large or slow one request is. After ``large``
+        work the worker gives the memory it freed back to the OS."""
         if self.workers is None:
             raise APIError(503, "the server is not running", code="engine_unavailable")
-        return await asyncio.get_running_loop().run_in_executor(self.workers, work, *args)
+
+        def run() -> T:
+            try:
+                return work(*args)
+            finally:
+                if large:
+                    release_memory()
+
+        return await asyncio.get_running_loop().run_in_executor(self.workers, run)
 
     @property
     def model_name(self) -> str:
