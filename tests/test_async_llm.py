@@ -152,3 +152,29 @@ def test_budget_zero_streams_like_offline_on_a_thinking_template(front, spec_dir
     assert "".join(d.reasoning for d in deltas) == offline.reasoning
     assert "".join(d.content for d in deltas) == offline.content
     assert offline.reasoning.startswith("Considering the limited time")
+
+
+def test_finish_all_ends_every_stream_cleanly_and_later_ones_at_once(tiny_checkpoint):
+    """What a draining server uses: running streams get a last "abort" delta with their usage, blocks are
+    freed, and a request added afterwards finishes at once instead of running past the shutdown."""
+    llm = LLM(str(tiny_checkpoint), max_model_len=256, kv_cache_memory="16MiB", progress=False)
+    front = AsyncLLM(llm)
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    async def main():
+        ids = llm.tokenizer.encode("A long story begins")
+        running = front.stream(ids, long)
+        first = await running.__anext__()
+        front.finish_all("abort")
+        rest = [d async for d in running]
+        late = [d async for d in front.stream(ids, long)]
+        return first, rest, late
+
+    try:
+        first, rest, late = asyncio.run(main())
+    finally:
+        front.shutdown()
+    assert not first.finished and rest[-1].finished and rest[-1].finish_reason == "abort"
+    assert rest[-1].usage["completion_tokens"] < 200
+    assert len(late) == 1 and late[0].finish_reason == "abort" and late[0].token_ids == []
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks

@@ -35,15 +35,46 @@ RUNAWAY = {
     "format filter width": "{{ '%1000000000d'|format(1) }}",
     "macro recursion": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
     "output flood": "{% for a in range(100000) %}{% for b in range(1000) %}xxxxxxxxxxxxxxxx{% endfor %}{% endfor %}",
+    # found in review: operations that build far more than they are given, and the sum of many values
+    "replace with empty": "{% set s = 'x' * 40000 %}{{ s.replace('', s) }}",
+    "join a long list": "{% set s = 'x' * 40000 %}{{ s.join([s] * 15000) }}",
+    "join filter": "{% set s = 'x' * 40000 %}{{ ([s] * 15000)|join(s) }}",
+    "indent a long text": "{% set s = 'a\n' * 100000 %}{{ s|indent(15000, true, true) }}",
+    "many format fields": "{{ ('{0:99999}' * 20000).format('a') }}",
+    "doubling in a macro": "{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% else %}{{ s|length }}{% endif %}"
+    "{% endmacro %}{{ d('x', 40) }}",
+    "many values under the limit": "{% set ns = namespace(all=[]) %}{% for i in range(100000) %}"
+    "{% set ns.all = ns.all + ['x'.center(100000)] %}{% endfor %}",
+    "map center": "{{ range(100000)|map('string')|map('center', 100000)|list|length }}",
+    "recursive loop": "{% for n in tree recursive %}{{ loop(n.children) }}{% endfor %}",
 }
+
+
+WIDE_TREE = [{"children": [{"children": []} for _ in range(200)]} for _ in range(3000)]  # 600k nodes
 
 
 @pytest.mark.parametrize("template", RUNAWAY.values(), ids=RUNAWAY.keys())
 def test_runaway_templates_stop_with_a_clear_error(template: str) -> None:
     start = time.perf_counter()
     with pytest.raises(TemplateLimitError, match="chat template"):
-        render(U, template=template, limits=FAST)
+        render(U, template=template, limits=FAST, tree=WIDE_TREE)
     assert time.perf_counter() - start < FAST.seconds + 2.0
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("{{ 'ts=%d' % 1700000000 }}", "ts=1700000000"),
+        ("{{ '{} tokens'.format(131072) }}", "131072 tokens"),
+        ("{{ '%s'|format(1700000000) }}", "1700000000"),
+        ("{{ 'Knowledge cutoff 20240601. %s' % 'x' }}", "Knowledge cutoff 20240601. x"),
+        ("{{ 'Time: 1700000000 {}'.format(1) }}", "Time: 1700000000 1"),
+        ("{{ '%5.2f|%-8s|' % (3.14159, 'ab') }}", " 3.14|ab      |"),
+        ("{{ 'a,b'.replace(',', ', ') }}{{ ['x', 'y']|join('-') }}{{ 'ab'.center(6) }}", "a, bx-y  ab  "),
+    ],
+)
+def test_honest_templates_are_not_refused(template: str, expected: str) -> None:
+    assert render(U, template=template) == expected
 
 
 def test_output_and_value_sizes_follow_the_limit() -> None:

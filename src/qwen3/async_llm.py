@@ -52,6 +52,7 @@ class AsyncLLM:
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._states: dict[str, RequestState] = {}  # engine thread only
         self._stopping = False
+        self._finishing: str | None = None  # set by finish_all: requests added later finish at once
         self.error: BaseException | None = None  # why the engine thread died, if it did
         self._pending_adds = 0  # add commands sent but not yet taken by the engine thread
         self._count_lock = threading.Lock()
@@ -92,6 +93,10 @@ class AsyncLLM:
                     self._pending_adds -= 1
                 if request_id not in self._sinks:  # its consumer is already gone
                     continue
+                if self._finishing is not None:  # draining: it ends before it starts
+                    self._states[request_id] = state
+                    self._handle(EngineOutput(request_id, [], finished=True, finish_reason=self._finishing))
+                    continue
                 try:
                     self.engine.add_request(request_id, *engine_args)
                 except Exception as exc:
@@ -101,6 +106,7 @@ class AsyncLLM:
             elif command == "abort":
                 self._abort(args[0])
             elif command == "finish_all":  # end every stream cleanly, held-back text and usage included
+                self._finishing = args[0]
                 for request_id in list(self._states):
                     self.engine.abort(request_id)  # frees its blocks now
                     self._handle(EngineOutput(request_id, [], finished=True, finish_reason=args[0]))
@@ -235,8 +241,9 @@ class AsyncLLM:
         self._send("abort", request_id)
 
     def finish_all(self, reason: str = "abort") -> None:
-        """Finish every request in flight now: each stream gets a last delta with ``finish_reason`` set
-        to ``reason`` (a draining server's way to end streams properly rather than cut them)."""
+        """Finish every request in flight now, and any added later at once: each stream gets a last delta
+        with ``finish_reason`` set to ``reason`` (a draining server's way to end streams properly rather
+        than cut them)."""
         self._send("finish_all", reason)
 
     # --- load, for admission control and metrics (approximate: read without the engine lock) -------

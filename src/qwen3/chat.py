@@ -36,8 +36,12 @@ _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker for contin
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-# Tags an assistant message's content may hold as the model wrote them (the template reads them).
-ASSISTANT_TAGS = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE)
+# Tags a message's content may hold as they are, per role, because the template reads them there: an
+# assistant's reasoning and tool calls, and a tool result that a client sent as a user message.
+CONTENT_TAGS = {
+    "assistant": (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE),
+    "user": ("<tool_response>", "</tool_response>"),
+}
 # Variables render() sets itself, which template variables passed to it may not replace ("self" is the
 # first parameter of jinja's own Template.render/generate).
 _RENDER_VARIABLES = frozenset(

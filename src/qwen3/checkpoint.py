@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from qwen3.config import ConfigError, Qwen3Config, parse_dtype
 from qwen3.device import available_cpu_memory
+from qwen3.gguf_checkpoint import is_gguf, load_gguf_model
 from qwen3.hub import CheckpointError, file_in, read_json, resolve_model_dir
 from qwen3.model import Qwen3ForCausalLM, checkpoint_layout, iter_checkpoint_tensors, model_class
 
@@ -75,7 +76,10 @@ def load_model(
 
     ``dtype`` None keeps the checkpoint's own dtype (config ``torch_dtype``/``dtype``, else float32),
     so weights arrive bit for bit; another dtype converts them. The model is returned in eval mode.
+    A ``.gguf`` file (or ``owner/repo:FILE.gguf``) is read by :mod:`qwen3.gguf_checkpoint`.
     """
+    if is_gguf(source):
+        return load_gguf_model(source, dtype, device, progress)
     folder = resolve_model_dir(source)
     config = load_config(folder)
     target_dtype = parse_dtype(dtype) or config.torch_dtype or torch.float32

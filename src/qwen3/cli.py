@@ -19,7 +19,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--model",
         "-m",
         default=None,
-        help="checkpoint folder or Hugging Face Hub repo id (default: the shipped tiny Qwen3)",
+        help="checkpoint folder, Hugging Face Hub repo id, GGUF file, or owner/repo:FILE.gguf "
+        "(default: the shipped tiny Qwen3)",
     )
     parser.add_argument(
         "--dtype",
@@ -81,11 +82,19 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
 def cmd_info(args: argparse.Namespace) -> int:
     """Print a checkpoint's architecture and size without loading its weights."""
     from qwen3.checkpoint import load_config, weight_files
+    from qwen3.gguf_checkpoint import GGUFCheckpoint, is_gguf, resolve_gguf
     from qwen3.hub import resolve_model_dir
 
-    folder = resolve_model_dir(args.model)
-    config = load_config(folder)
-    files = weight_files(folder)
+    if is_gguf(args.model):
+        checkpoint = GGUFCheckpoint(resolve_gguf(args.model))
+        folder, config, files = checkpoint.path, checkpoint.config(), [checkpoint.path]
+        config.torch_dtype = None
+        kinds = sorted({t.type.name for t in checkpoint.tensors})
+    else:
+        folder = resolve_model_dir(args.model)
+        config = load_config(folder)
+        files = weight_files(folder)
+        kinds = [str(config.torch_dtype).removeprefix("torch.")]
     info = {
         "folder": str(folder),
         "architecture": config.architecture,
@@ -94,7 +103,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "heads (q/kv)": f"{config.num_attention_heads}/{config.num_key_value_heads}",
         "head_dim": config.head_dim,
         "vocab_size": config.vocab_size,
-        "dtype": str(config.torch_dtype).removeprefix("torch."),
+        "dtype": ", ".join(kinds),
         "weight files": [f.name for f in files],
         "weight bytes": sum(f.stat().st_size for f in files),
     }
@@ -317,6 +326,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Write a checkpoint (safetensors folder, Hub id or GGUF) as a GGUF file llama.cpp and qwen3 load."""
+    from qwen3.checkpoint import load_model
+    from qwen3.gguf_checkpoint import GGUFCheckpoint, is_gguf, resolve_gguf, save_gguf
+    from qwen3.hub import resolve_model_dir
+    from qwen3.tokenizer import Tokenizer
+
+    model = load_model(args.source, dtype="float32")
+    if is_gguf(args.source):
+        tokenizer = GGUFCheckpoint(resolve_gguf(args.source)).tokenizer()
+    else:
+        tokenizer = Tokenizer.from_pretrained(resolve_model_dir(args.source))
+    path = save_gguf(model, tokenizer, args.output, args.type)
+    logging.getLogger("qwen3").info("wrote %s (%s, %.1f MiB)", path, args.type, path.stat().st_size / 2**20)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the tiny hybrid-thinking Qwen3 on synthetic reasoning tasks (cold start, then Thinking Mode
     Fusion) and write a Hugging Face folder; resumes from OUTPUT/checkpoint when there is one."""
@@ -458,6 +484,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
+
+    from qwen3.gguf_checkpoint import QUANT_TYPES
+
+    quantize = sub.add_parser(
+        "quantize",
+        help="write a checkpoint as a GGUF file (Q8_0, Q4_0, ...)",
+        description=cmd_quantize.__doc__,
+    )
+    quantize.add_argument("source", help="checkpoint folder, Hub repo id or GGUF file")
+    quantize.add_argument("output", type=Path, help="the .gguf file to write")
+    quantize.add_argument(
+        "--type", default="q8_0", choices=sorted(QUANT_TYPES),
+        help="matrix type; norms stay F32, embeddings of 4- and 5-bit files Q8_0 (default: q8_0)",
+    )  # fmt: skip
+    quantize.set_defaults(func=cmd_quantize)
 
     info = sub.add_parser("info", help="show a checkpoint's architecture", description=cmd_info.__doc__)
     info.add_argument("--model", "-m", required=True, help="checkpoint folder or Hugging Face Hub repo id")

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from qwen3 import kernels
 from qwen3.chat import (
-    ASSISTANT_TAGS,
+    CONTENT_TAGS,
     THINK_OPEN,
     ToolCall,
     parse_output,
@@ -35,6 +35,7 @@ from qwen3.config import parse_dtype
 from qwen3.engine.attention import DECODE_GATHER_KEYS
 from qwen3.engine.llm_engine import STOP_THINKING_TEXT, EngineConfig, LLMEngine, ThinkingTokens
 from qwen3.engine.memory import default_budget, plan_kv_cache
+from qwen3.gguf_checkpoint import GGUFCheckpoint, is_gguf, load_gguf_model, resolve_gguf
 from qwen3.hub import CheckpointError, read_json, resolve_model_dir
 from qwen3.jinja_sandbox import RenderLimits
 from qwen3.layers import NoCache
@@ -165,28 +166,34 @@ class LLM:
         On the CPU kernels results never depend on the batch; ``batch_invariant`` makes the torch path
         (CUDA) so too, at a cost (fixed-shape steps; see ``qwen3.engine.model_runner``).
         """
-        folder = default_model_dir() if model is None else resolve_model_dir(model)
-        self.model_dir = folder
+        gguf = GGUFCheckpoint(resolve_gguf(model)) if model is not None and is_gguf(model) else None
+        folder = default_model_dir() if model is None else gguf.path if gguf else resolve_model_dir(model)
+        self.model_dir = folder  # the folder, or the GGUF file
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         max_num_batched_tokens = max(max_num_batched_tokens, 1)
         memory = parse_memory(kv_cache_memory)
         plan = None
         if memory is not None:  # sized by the caller: check it before spending time on the weights
-            config = load_config(folder)
-            cache_dtype = parse_dtype(dtype) or config.torch_dtype or torch.float32
+            config = gguf.config() if gguf else load_config(folder)
+            cache_dtype = (
+                parse_dtype(dtype) or config.torch_dtype or (torch.bfloat16 if gguf else torch.float32)
+            )
             plan = plan_kv_cache(
                 config, cache_dtype, memory, "kv_cache_memory", block_size, max_num_seqs, max_model_len
             )
         # The small files first, so a broken tokenizer or generation config fails before the weights load.
-        self.tokenizer = None if skip_tokenizer_init else Tokenizer.from_pretrained(tokenizer or folder)
-        generation_path = folder / "generation_config.json"
-        self.generation_config = read_json(generation_path)
-        try:
-            SamplingParams.from_generation_config(self.generation_config)  # its values must be valid
-            check_token_ids(self.generation_config.get("eos_token_id"))
-        except (SamplingError, ValueError) as exc:
-            raise CheckpointError(f"{generation_path}: {exc}") from None
-        self.model = load_model(folder, dtype=dtype, device=device, progress=progress)
+        self.tokenizer = None
+        if not skip_tokenizer_init:
+            self.tokenizer = (
+                gguf.tokenizer()
+                if gguf and tokenizer is None
+                else Tokenizer.from_pretrained(tokenizer or folder)
+            )
+        self.generation_config = {} if gguf else self._generation_config(folder / "generation_config.json")
+        if gguf:
+            self.model = load_gguf_model(gguf, dtype=dtype, device=device, progress=progress)
+        else:
+            self.model = load_model(folder, dtype=dtype, device=device, progress=progress)
         if self.model.use_cpu_kernels():
             logger.info("using qwen3's CPU kernels (%s)", kernels.kernel_isa())
         if plan is None:  # a share of what is free now that the weights are in
@@ -259,6 +266,17 @@ class LLM:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
+
+    @staticmethod
+    def _generation_config(path: Path) -> dict[str, Any]:
+        """generation_config.json, its values checked (a bad one fails before the weights load)."""
+        generation_config = read_json(path)
+        try:
+            SamplingParams.from_generation_config(generation_config)
+            check_token_ids(generation_config.get("eos_token_id"))
+        except (SamplingError, ValueError) as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        return generation_config
 
     def default_sampling_params(self, **overrides: Any) -> SamplingParams:
         """The checkpoint's generation_config.json defaults, with ``overrides`` on top."""
@@ -484,14 +502,20 @@ def _as_prompt_list(prompts: Any) -> list[str | list[int]]:
 
 
 def _plain_message(tokenizer: Tokenizer, message: Any) -> Any:
-    """A message with its strings marked as plain text (the role is the template's to read)."""
+    """A message with its strings marked as plain text (the role is the template's to read). The content
+    keeps the tags the template itself reads there: an assistant's reasoning and tool-call tags, and the
+    ``<tool_response>`` wrapping of a tool result sent as a user message."""
     if not isinstance(message, Mapping):
         return message  # render names what is wrong with it
-    tags = ASSISTANT_TAGS if message.get("role") == "assistant" else ()
-    return {
-        key: value if key == "role" else tokenizer.escape_text(value, tags if key == "content" else ())
-        for key, value in message.items()
-    }
+    tags = CONTENT_TAGS.get(message.get("role"), ())
+    plain = {}
+    for key, value in message.items():
+        if key == "tool_calls" and isinstance(value, list):
+            value = [call.to_openai() if isinstance(call, ToolCall) else call for call in value]
+        plain[key] = (
+            value if key == "role" else tokenizer.escape_text(value, tags if key == "content" else ())
+        )
+    return plain
 
 
 def check_token_ids(value: Any) -> None:

@@ -89,6 +89,7 @@ class RequestState:
         self.num_cached_tokens = 0
         self.metrics: dict[str, float] = {}
         self._max_stop = max((len(s) for s in params.stop), default=0)
+        self._partial = StopPrefixes(params.stop)
 
     def process(self, out: EngineOutput) -> StreamDelta | None:
         """Take one engine output; the delta to hand out, or None once finished. After a stop string,
@@ -147,24 +148,52 @@ class RequestState:
     def _releasable(self, finished: bool) -> str:
         """New text that cannot turn out to be the start of a stop string (held back until it can't)."""
         end = len(self.text)
-        if not finished:
-            for stop in self.params.stop:
-                end = min(end, len(self.text) - _partial_match(self.text, stop))
+        if not finished and self.params.stop:
+            end -= self._partial.held(self.text)
         end = max(end, self.emitted)
         new = self.text[self.emitted : end]
         self.emitted = end
         return new
 
 
-def _partial_match(text: str, stop: str) -> int:
-    """Length of the longest tail of ``text`` that is a proper prefix of ``stop`` (0 if none).
+class StopPrefixes:
+    """How much of the text's end could still become a stop string: the longest proper prefix of any stop
+    string that the text ends with, kept up to date as text is appended (one KMP automaton per stop
+    string). Each step costs the new characters times the number of stop strings, however long they are
+    or however the text repeats, so no request's stop strings can slow a step for everyone."""
 
-    Candidates start where ``stop``'s first character occurs in the tail, tried from the longest; each try
-    is one C-level ``startswith``, so a step costs little even for long stop strings.
-    """
-    start = max(0, len(text) - len(stop) + 1)
-    while (start := text.find(stop[0], start)) >= 0:
-        if stop.startswith(text[start:]):
-            return len(text) - start
-        start += 1
-    return 0
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.fail = [_failure(stop) for stop in stops]
+        self.state = [0] * len(stops)
+        self.fed = 0  # characters of the text seen so far
+
+    def held(self, text: str) -> int:
+        """Feed what ``text`` added since the last call; the length of its end to hold back."""
+        for char in text[self.fed :]:
+            for i, stop in enumerate(self.stops):
+                k, fail = self.state[i], self.fail[i]
+                while k and stop[k] != char:
+                    k = fail[k - 1]
+                if stop[k] == char:
+                    k += 1
+                if k == len(
+                    stop
+                ):  # a whole match: the caller cuts there; as a prefix, take the longest border
+                    k = fail[k - 1]
+                self.state[i] = k
+        self.fed = len(text)
+        return max(self.state, default=0)
+
+
+def _failure(pattern: str) -> list[int]:
+    """KMP's failure function: for each prefix, the length of its longest proper border."""
+    fail = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = fail[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        fail[i] = k
+    return fail

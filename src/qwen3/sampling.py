@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+import numbers
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 
 from qwen3.device import index_tensor
+from qwen3.hub import read_json
 
 # Per-request bounds, so that no request's stop matching can slow a step for everyone (the holdback scans
 # every stop string against the text's tail each step).
@@ -36,12 +41,12 @@ _OPTIONAL = {"max_tokens", "seed", "logprobs"}
 
 
 def _is(value: Any, kind: type) -> bool:
-    """An int (not a bool) for ``int``; a finite int or float (not a bool) for ``float``."""
-    if isinstance(value, bool):
+    """An integer (not a bool; numpy's too) for ``int``; a finite real number (not a bool) for ``float``."""
+    if isinstance(value, (bool, numpy.bool_)):
         return False
     if kind is int:
-        return isinstance(value, int)
-    return isinstance(value, (int, float)) and math.isfinite(value)
+        return isinstance(value, numbers.Integral)
+    return isinstance(value, numbers.Real) and math.isfinite(value)
 
 
 class SamplingError(ValueError):
@@ -76,7 +81,9 @@ class SamplingParams:
             self.stop = [self.stop]
         for name in ("stop", "stop_token_ids"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, (list, tuple)):
+            if value is not None and (
+                isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable)
+            ):
                 raise SamplingError(name, f"must be a list, got {value!r}")
             setattr(self, name, list(value or []))
         for name, kind in _FIELD_TYPES.items():
@@ -143,8 +150,14 @@ class SamplingParams:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_generation_config(cls, generation_config: Mapping[str, Any], **overrides: Any) -> SamplingParams:
-        """Defaults from a checkpoint's parsed generation_config.json (do_sample false means greedy)."""
+    def from_generation_config(
+        cls, generation_config: Mapping[str, Any] | str | os.PathLike | None, **overrides: Any
+    ) -> SamplingParams:
+        """Defaults from a checkpoint's generation_config.json, given parsed or as the checkpoint folder
+        (do_sample false means greedy)."""
+        if generation_config is None or isinstance(generation_config, (str, os.PathLike)):
+            folder = generation_config
+            generation_config = read_json(Path(folder) / "generation_config.json") if folder else {}
         values: dict[str, Any] = {}
         for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
             if generation_config.get(key) is not None:

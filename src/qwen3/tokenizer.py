@@ -13,6 +13,7 @@ import logging
 import numbers
 import os
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,9 +73,20 @@ def build_backend(
     Used when a checkpoint ships no tokenizer.json. ``added_tokens_decoder`` is tokenizer_config.json's
     ``{id: {"content", "special", ...}}`` map; the tokens are added in id order and each must land on its id.
     """
-    bpe = models.BPE.from_file(
-        str(vocab_file),
-        str(merges_file),
+    vocab, merges = models.BPE.read_file(str(vocab_file), str(merges_file))
+    return build_backend_from_vocab(vocab, merges, added_tokens_decoder)
+
+
+def build_backend_from_vocab(
+    vocab: Mapping[str, int],
+    merges: list[tuple[str, str]],
+    added_tokens_decoder: Mapping[str, Mapping[str, Any]] | None = None,
+) -> _Backend:
+    """The Qwen byte-level BPE pipeline from a token -> id map and the merges (see :func:`build_backend`;
+    a GGUF file's ``tokenizer.ggml.*`` gives them too)."""
+    bpe = models.BPE(
+        dict(vocab),
+        merges,
         dropout=None,
         unk_token=None,
         continuing_subword_prefix="",
@@ -104,7 +116,7 @@ def build_backend(
         if backend.token_to_id(spec["content"]) != int(key):
             raise ValueError(
                 f"added token {spec['content']!r} got id {backend.token_to_id(spec['content'])}, "
-                f"but tokenizer_config.json says {key}: vocab.json and the config do not match"
+                f"but the tokenizer files say {key}: the vocabulary and the added tokens do not match"
             )
     return backend
 
@@ -169,6 +181,7 @@ class Tokenizer:
         self._patterns: dict[frozenset[str], re.Pattern[str]] = {}
         self._split: re.Pattern[str] | None = None
         self._plain: _Backend | None = None
+        self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike) -> Tokenizer:
@@ -316,8 +329,8 @@ class Tokenizer:
         pattern = self._literal_pattern(frozenset(keep))
         if isinstance(value, str):
             return pattern.sub(self._mark, value) if pattern.search(value) else value
-        if isinstance(value, Mapping):
-            return {k: self.escape_text(v, keep) for k, v in value.items()}
+        if isinstance(value, Mapping):  # keys too: templates write them out (tojson of a tool's parameters)
+            return {self.escape_text(k, keep): self.escape_text(v, keep) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [self.escape_text(v, keep) for v in value]
         return value
@@ -384,11 +397,13 @@ class Tokenizer:
         return self._split
 
     def _plain_backend(self) -> _Backend:
-        """The same pipeline with no added tokens: text through it is only ever text."""
-        if self._plain is None:
-            spec = json.loads(self.backend.to_str())
-            spec["added_tokens"] = []
-            self._plain = _Backend.from_str(json.dumps(spec))
+        """The same pipeline with no added tokens: text through it is only ever text (built once, on first
+        use, by whichever worker thread needs it first)."""
+        with self._lock:
+            if self._plain is None:
+                spec = json.loads(self.backend.to_str())
+                spec["added_tokens"] = []
+                self._plain = _Backend.from_str(json.dumps(spec))
         return self._plain
 
     @property

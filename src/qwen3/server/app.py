@@ -246,9 +246,9 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         body = await parse_body(request, ChatCompletionRequest)
         state.check_model(body.model)
         front = state.engine_front()
+        state.admit(request.scope, body.n)  # before the work: a full server refuses at once
         large = request.state.body_bytes >= LARGE_REQUEST_BYTES
         prepared = await state.off_loop(chat_completions.prepare, state, body, large=large)
-        state.admit(request.scope, body.n)
         state.metrics.prompt_tokens.inc(len(prepared.prompt_token_ids))
         if body.stream:
             events = chat_completions.stream(state, front, body, prepared, arrival)
@@ -264,9 +264,9 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         body = await parse_body(request, CompletionRequest)
         state.check_model(body.model)
         front = state.engine_front()
+        state.admit(request.scope, len(body.prompts()) * body.n)
         large = request.state.body_bytes >= LARGE_REQUEST_BYTES
         prompts, params = await state.off_loop(completions.prepare, state, body, large=large)
-        state.admit(request.scope, len(prompts) * body.n)
         state.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         if body.stream:
             events = completions.stream(state, front, body, prompts, params, arrival)
