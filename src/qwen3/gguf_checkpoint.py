@@ -202,9 +202,13 @@ class GGUFCheckpoint:
                 f"{tensor_count} tensors and {kv_count} entries cannot fit in {len(buffer)} bytes"
             )
         fields: dict[str, Any] = {}
+        self.field_types: dict[str, Any] = {}  # key -> gguf.GGUFValueType (an array's: its items')
         for _ in range(kv_count):
             key = cursor.string()
-            fields[key] = cursor.value(cursor.read("<I"))
+            kind = cursor.read("<I")
+            item = struct.unpack_from("<I", buffer, cursor.offset)[0] if kind == _ARRAY else kind
+            fields[key] = cursor.value(kind)
+            self.field_types[key] = gguf.GGUFValueType(item)
         infos = []
         for _ in range(tensor_count):
             name = cursor.string()
