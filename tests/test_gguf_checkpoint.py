@@ -337,3 +337,29 @@ def test_metadata_is_validated_like_config_json(files, tmp_path):
         path = _rewrite(good, tmp_path / "bad.gguf", change=change)
         with pytest.raises(CheckpointError, match=match):
             LLM(str(path), kv_cache_memory="8MiB", progress=False)
+
+
+def test_hub_repos_of_gguf_files_resolve_by_file_or_quant_type(files, tmp_path, monkeypatch):
+    """owner/repo:FILE.gguf and owner/repo:QUANT, from a Hugging Face cache laid out as huggingface_hub
+    lays it out (offline)."""
+    from qwen3.hub import ModelNotFoundError
+
+    cache = tmp_path / "hub"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--Qwen--Qwen3-Tiny-GGUF" / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for quant in ("q8_0", "q4_0"):
+        (snapshot / f"Qwen3-Tiny-{quant.upper()}.gguf").symlink_to(files[quant])
+    (cache / "models--Qwen--Qwen3-Tiny-GGUF" / "refs").mkdir()
+    (cache / "models--Qwen--Qwen3-Tiny-GGUF" / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    by_type = load_model("Qwen/Qwen3-Tiny-GGUF:q8_0", dtype="float32", progress=False)
+    by_file = load_model("Qwen/Qwen3-Tiny-GGUF:Qwen3-Tiny-Q8_0.gguf", dtype="float32", progress=False)
+    local = load_model(files["q8_0"], dtype="float32", progress=False)
+    ids = torch.tensor(PROMPT)
+    with torch.no_grad():
+        assert torch.equal(by_type(ids), local(ids)) and torch.equal(by_file(ids), local(ids))
+    with pytest.raises(ModelNotFoundError, match="0 GGUF files of that type"):
+        load_model("Qwen/Qwen3-Tiny-GGUF:Q6_K", progress=False)

@@ -72,26 +72,42 @@ _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 
 
 def is_gguf(source: str | os.PathLike) -> bool:
-    """A ``.gguf`` file, or a Hub reference ``owner/repo:FILE.gguf``."""
-    return str(source).lower().endswith(".gguf")
+    """A ``.gguf`` file, or a Hub reference to one: ``owner/repo:FILE.gguf`` or ``owner/repo:QUANT``."""
+    text = str(source)
+    if text.lower().endswith(".gguf"):
+        return True
+    repo, sep, choice = text.partition(":")
+    return bool(sep) and repo.count("/") == 1 and bool(re.fullmatch(r"[A-Za-z0-9_]+", choice))
 
 
 def resolve_gguf(source: str | os.PathLike) -> Path:
-    """A local path for ``source``: the file itself, or ``owner/repo:file.gguf`` fetched from (or found in
-    the cache of) the Hugging Face Hub."""
+    """A local path for ``source``: the file itself, or from the Hugging Face Hub (or its cache, offline)
+    ``owner/repo:FILE.gguf`` or ``owner/repo:QUANT`` (``Qwen/Qwen3-8B-GGUF:Q4_K_M``: the one file of
+    that quant type, split files not included)."""
     path = Path(source).expanduser()
     if path.is_file():
         return path
     text = str(source)
-    repo, sep, filename = text.partition(":")
+    repo, sep, choice = text.partition(":")
     if not sep or repo.count("/") != 1 or path.exists():
         raise ModelNotFoundError(f"{text!r} is not a GGUF file, nor a Hub reference owner/repo:FILE.gguf")
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, snapshot_download
 
     try:
-        return Path(hf_hub_download(repo_id=repo, filename=filename))
+        if choice.lower().endswith(".gguf"):
+            return Path(hf_hub_download(repo_id=repo, filename=choice))
+        variants = sorted({choice, choice.upper(), choice.lower()})
+        folder = Path(snapshot_download(repo_id=repo, allow_patterns=[f"*{v}.gguf" for v in variants]))
     except Exception as exc:  # offline and not cached, no such repo or file: say which
         raise ModelNotFoundError(f"{text!r} could not be fetched from the Hugging Face Hub: {exc}") from exc
+    wanted = re.compile(rf".*[-._]{re.escape(choice)}\.gguf", re.IGNORECASE)
+    found = sorted(p for p in folder.rglob("*.gguf") if wanted.fullmatch(p.name))
+    if len(found) != 1:
+        names = ", ".join(str(p.relative_to(folder)) for p in found) or "none"
+        raise ModelNotFoundError(
+            f"{text!r}: {len(found)} GGUF files of that type in {repo} ({names}); name the file"
+        )
+    return found[0]
 
 
 @dataclass
