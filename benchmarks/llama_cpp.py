@@ -589,7 +589,7 @@ def bench(folder: Path, args: argparse.Namespace | None = None) -> dict[str, flo
     batched = find_batched_bench(binary)
     if batched is None:
         raise LlamaCppUnavailable(f"{BATCHED_BENCH} is not beside {binary} nor on PATH")
-    gguf = cached_gguf(folder, outtype)
+    gguf = folder if str(folder).endswith(".gguf") else cached_gguf(folder, outtype)  # a GGUF: that very file
     single = run_llama_bench(
         binary,
         gguf,

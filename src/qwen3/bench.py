@@ -193,7 +193,13 @@ def bench_transformers(folder: Path, args: argparse.Namespace) -> dict[str, floa
     import transformers
 
     dtype = getattr(torch, args.dtype or "bfloat16")
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    if folder.suffix == ".gguf":  # transformers dequantizes GGUF files at load too (gguf_file=)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder.parent, gguf_file=folder.name, dtype=dtype
+        )
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = model.eval()
     prompt = torch.arange(1000, 1016)[None]
 
     def gen(ids: torch.Tensor, n: int, mask: torch.Tensor | None = None) -> None:
@@ -260,7 +266,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint",
         type=Path,
         default=None,
-        help="benchmark this checkpoint folder instead of a random Qwen3-0.6B",
+        help="benchmark this checkpoint folder or GGUF file instead of a random Qwen3-0.6B (llama.cpp runs "
+        "the same GGUF file)",
     )
     parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
 
@@ -270,8 +277,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     folder = args.checkpoint or random_checkpoint(
         CACHE / f"qwen3-0.6b-random-{args.dtype}", QWEN3_0_6B, dtype
     )
-    weight_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     from qwen3 import kernels
+    from qwen3.gguf_checkpoint import GGUFCheckpoint, is_gguf
+
+    if is_gguf(folder):  # the file's own bytes; qwen3 reads what it dequantized them to
+        checkpoint = GGUFCheckpoint(folder)
+        weight_bytes = checkpoint.config().num_parameters() * dtype.itemsize
+        file_bytes = folder.stat().st_size
+    else:
+        weight_bytes = file_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
     report: dict[str, Any] = {
         "checkpoint": str(folder),
@@ -282,7 +296,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
     }
     report["read_bandwidth_GBs"] = read_bandwidth() / 1e9
-    report["weight_GB"] = weight_bytes / 1e9
+    report["weight_GB"] = weight_bytes / 1e9  # what qwen3 reads per decode step
+    report["file_GB"] = file_bytes / 1e9
     peers = [p for p in args.peers.split(",") if p and p != "none"]
     report["qwen3"] = bench_qwen3(folder, args)
     if "transformers" in peers:
