@@ -147,7 +147,8 @@ def test_llama_cpp_reads_what_we_write(tmp_path):
     assert types["blk.0.attn_norm.weight"] == "F32"
     assert ("output.weight" in types) == (not config.tie_word_embeddings)
     ours = GGUFCheckpoint(path)  # and qwen3's own parser reads the same
-    assert {k: v for k, v in ours.fields.items() if not isinstance(v, float)} == {
+    plain = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in ours.fields.items()}
+    assert {k: v for k, v in plain.items() if not isinstance(v, float)} == {
         k: v for k, v in fields.items() if not k.startswith("GGUF.") and not isinstance(v, float)
     }
 
@@ -259,21 +260,32 @@ def test_llm_chat_and_the_cli_take_a_gguf(files, tmp_path):
 # --------------------------------------------------------------------------------------------- broken files
 
 
+def _value_type(value):
+    V = gguf.GGUFValueType
+    if isinstance(value, bool):
+        return V.BOOL
+    if isinstance(value, int):
+        return V.UINT32 if 0 <= value < 2**32 else V.INT64
+    return V.FLOAT32 if isinstance(value, float) else V.STRING
+
+
 def _rewrite(path, out, skip=(), extra=None, change=None, retype=None):
     """Copy a GGUF with tensors left out, added or retyped (``retype``: name -> (data, type)), or metadata
     changed; written with gguf's own writer."""
     checkpoint = GGUFCheckpoint(path)
     change = change or {}
     writer = gguf.GGUFWriter(out, change.get("general.architecture", checkpoint.arch))
-    for key, value in checkpoint.fields.items():
+    for key, value in {**checkpoint.fields, **change}.items():
         if key == "general.architecture":
             continue
-        value = change.get(key, value)
-        kind = checkpoint.field_types[key]
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
         if isinstance(value, list):
             writer.add_array(key, value)
         else:
-            writer.add_key_value(key, value, kind)
+            writer.add_key_value(
+                key, value, _value_type(value) if key in change else checkpoint.field_types[key]
+            )
     for tensor in checkpoint.tensors:
         if tensor.name in skip:
             continue
@@ -363,3 +375,88 @@ def test_hub_repos_of_gguf_files_resolve_by_file_or_quant_type(files, tmp_path, 
         assert torch.equal(by_type(ids), local(ids)) and torch.equal(by_file(ids), local(ids))
     with pytest.raises(ModelNotFoundError, match="0 GGUF files of that type"):
         load_model("Qwen/Qwen3-Tiny-GGUF:Q6_K", progress=False)
+
+
+def _corrupt(good, tmp_path, name, edit) -> object:
+    """A copy of ``good`` with its header rewritten by ``edit(bytearray, checkpoint)``."""
+    data = bytearray(good.read_bytes())
+    edit(data, GGUFCheckpoint(good))
+    path = tmp_path / f"{name}.gguf"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_hostile_headers_are_refused_cheaply(files, tmp_path):
+    """Found in review: huge dimension counts, bad alignment, overlapping or unaligned data, duplicate
+    names, wrong-typed metadata: all a CheckpointError naming the file, none a crash or a long walk."""
+    good = files["q8_0"]
+    cases = [
+        (_rewrite(good, tmp_path / "align.gguf", change={"general.alignment": 3}), "not a power of two"),
+        (_rewrite(good, tmp_path / "types.gguf", change={"tokenizer.ggml.tokens": 5}), "is not a list"),
+        (_rewrite(good, tmp_path / "eos.gguf", change={"tokenizer.ggml.eos_token_id": "x"}), "is not a int"),
+        (_rewrite(good, tmp_path / "rope.gguf", change={"qwen3.rope.scaling.type": "yarn"}), "without a factor"),
+    ]  # fmt: skip
+    for path, match in cases:
+        with pytest.raises(CheckpointError, match=match) as info:
+            LLM(str(path), kv_cache_memory="8MiB", progress=False)
+        assert str(path) in str(info.value)
+    checkpoint = GGUFCheckpoint(good)
+    first, second = checkpoint.tensors[0], checkpoint.tensors[1]
+    data = good.read_bytes()
+    # the first tensor info follows the metadata: its name, then n_dims (u32)
+    name = first.name.encode()
+    at = data.index(len(name).to_bytes(8, "little") + name) + 8 + len(name)
+    huge_dims = bytearray(data)
+    huge_dims[at : at + 4] = (2**32 - 1).to_bytes(4, "little")
+    path = tmp_path / "dims.gguf"
+    path.write_bytes(bytes(huge_dims))
+    with pytest.raises(CheckpointError, match="dimensions"):
+        GGUFCheckpoint(path)
+    # blk.0.attn_k's name rewritten to blk.0.attn_q's (same length): a duplicate
+    duplicate = data.replace(b"blk.0.attn_k.weight", b"blk.0.attn_q.weight", 1)
+    path.write_bytes(duplicate)
+    with pytest.raises(CheckpointError, match="same name"):
+        GGUFCheckpoint(path)
+    # the second tensor's data offset set to the first's (overlap), or moved by one byte (unaligned)
+    n_dims = int.from_bytes(data[at : at + 4], "little")
+    offset_at = at + 4 + 8 * n_dims + 4
+    overlapping = bytearray(data)
+    other = second.name.encode()
+    second_at = data.index(len(other).to_bytes(8, "little") + other) + 8 + len(other)
+    second_dims = int.from_bytes(data[second_at : second_at + 4], "little")
+    second_offset_at = second_at + 4 + 8 * second_dims + 4
+    overlapping[second_offset_at : second_offset_at + 8] = data[offset_at : offset_at + 8]
+    path.write_bytes(bytes(overlapping))
+    with pytest.raises(CheckpointError, match="overlap"):
+        GGUFCheckpoint(path)
+    unaligned = bytearray(data)
+    unaligned[second_offset_at : second_offset_at + 8] = (
+        int.from_bytes(data[second_offset_at : second_offset_at + 8], "little") + 1
+    ).to_bytes(8, "little")
+    path.write_bytes(bytes(unaligned))
+    with pytest.raises(CheckpointError, match="not aligned"):
+        GGUFCheckpoint(path)
+
+
+def test_gguf_models_keep_qwen_stop_ids_sampling_and_fim_tokens(files):
+    llm = LLM(str(files["q8_0"]), max_model_len=256, kv_cache_memory="8MiB", progress=False)
+    assert llm.engine.config.eos_token_ids >= {151645, 151643}  # <|im_end|> and <|endoftext|>
+    defaults = llm.default_sampling_params()
+    assert (defaults.temperature, defaults.top_p, defaults.top_k) == (0.6, 0.95, 20)
+    fim = llm.tokenizer.token_to_id("<|fim_prefix|>")
+    assert fim not in llm.tokenizer.special_token_ids and 151645 in llm.tokenizer.special_token_ids
+
+
+def test_writing_refuses_what_llama_cpp_would_run_differently(tmp_path, source):
+    for overrides, match in (({"attention_bias": True}, "attention biases"),):
+        hf = make_hf_checkpoint(tmp_path / "bias", **overrides)
+        with pytest.raises(ValueError, match=match):
+            save_gguf(load_model(hf, progress=False), source[1], tmp_path / "x.gguf", progress=False)
+    moe = make_hf_checkpoint(tmp_path / "moe", moe=True, norm_topk_prob=False)
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        save_gguf(load_model(moe, progress=False), source[1], tmp_path / "y.gguf", progress=False)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+    hf = make_hf_checkpoint(tmp_path / "yarn", vocab_size=151936, num_hidden_layers=1, rope_scaling=yarn)
+    model = load_model(hf, dtype="float32", progress=False)
+    path = save_gguf(model, source[1], tmp_path / "yarn.gguf", "f32", progress=False)
+    assert GGUFCheckpoint(path).config().rope_scaling == model.config.rope_scaling

@@ -501,7 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.set_defaults(func=cmd_quantize)
 
     info = sub.add_parser("info", help="show a checkpoint's architecture", description=cmd_info.__doc__)
-    info.add_argument("--model", "-m", required=True, help="checkpoint folder or Hugging Face Hub repo id")
+    info.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        help="checkpoint folder, Hub repo id, GGUF file or owner/repo:FILE.gguf",
+    )
     info.set_defaults(func=cmd_info)
     return parser
 

@@ -16,6 +16,7 @@ naming the file and the tensor.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import mmap
@@ -67,6 +68,13 @@ _EXPERTS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"
 SUPPORTED_TYPES = frozenset(
     {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 )
+# llama.cpp's converter marks every <|...|> added token CONTROL; in Qwen's own tokenizer these are added
+# tokens that are not special (kept by skip_special_tokens), so they stay that way here.
+QWEN_ADDED_NOT_SPECIAL = frozenset(
+    {"<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"}
+)
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+QWEN3_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}  # generation_config.json
 # token_type values of tokenizer.ggml.token_type (llama.cpp's llama_token_type)
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 
@@ -74,6 +82,8 @@ _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 def is_gguf(source: str | os.PathLike) -> bool:
     """A ``.gguf`` file, or a Hub reference to one: ``owner/repo:FILE.gguf`` or ``owner/repo:QUANT``."""
     text = str(source)
+    if Path(text).expanduser().is_dir():
+        return False
     if text.lower().endswith(".gguf"):
         return True
     repo, sep, choice = text.partition(":")
@@ -174,7 +184,7 @@ class _Cursor:
         dtype = np.dtype(_SCALARS[item])
         if self.offset + count * dtype.itemsize > len(self.buffer):
             raise ValueError(f"an array of {count} items runs past the end of the file")
-        values = np.frombuffer(self.buffer, dtype, count, self.offset).tolist()
+        values = np.frombuffer(self.buffer, dtype, count, self.offset)  # a view: no per-item objects
         self.offset += count * dtype.itemsize
         return values
 
@@ -191,15 +201,20 @@ class GGUFCheckpoint:
         import gguf
 
         self.path = Path(path)
+        self._map: mmap.mmap | None = None
+        problem = None
         try:
             with open(self.path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self.fields, self.tensors = self._parse(memoryview(self._map), gguf)
         except (OSError, ValueError, UnicodeDecodeError, struct.error, OverflowError) as exc:
-            raise CheckpointError(
-                f"{self.path}: not a readable GGUF file ({type(exc).__name__}: {exc})"
-            ) from None
-        self.arch = self.field("general.architecture")
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is not None:  # raised out here, so no traceback keeps the views and the map alive
+            if self._map is not None:
+                with contextlib.suppress(BufferError):
+                    self._map.close()
+            raise CheckpointError(f"{self.path}: not a readable GGUF file ({problem})")
+        self.arch = self.field("general.architecture", kind=str)
         if self.arch not in ARCHITECTURES:
             raise CheckpointError(
                 f"{self.path}: general.architecture {self.arch!r} is not Qwen3 (qwen3 loads {sorted(ARCHITECTURES)})"
@@ -228,15 +243,27 @@ class GGUFCheckpoint:
         infos = []
         for _ in range(tensor_count):
             name = cursor.string()
-            dims = [cursor.read("<Q") for _ in range(cursor.read("<I"))]
+            n_dims = cursor.read("<I")
+            if n_dims > _MAX_DIMS:
+                raise ValueError(f"tensor {name!r} has {n_dims} dimensions (GGUF allows {_MAX_DIMS})")
+            dims = [cursor.read("<Q") for _ in range(n_dims)]
             kind, offset = cursor.read("<I"), cursor.read("<Q")
             infos.append((name, dims, kind, offset))
+        if len({info[0] for info in infos}) != len(infos):
+            raise ValueError("two tensors have the same name")
         alignment = fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or alignment <= 0:
-            raise ValueError(f"general.alignment {alignment!r}")
+        if (
+            isinstance(alignment, bool)
+            or not isinstance(alignment, int)
+            or alignment <= 0
+            or alignment & (alignment - 1)
+        ):
+            raise ValueError(f"general.alignment {alignment!r} is not a power of two")
         start = -(-cursor.offset // alignment) * alignment
-        tensors = []
+        tensors, spans = [], []
         for name, dims, kind, offset in infos:
+            if offset % alignment:
+                raise ValueError(f"tensor {name!r}: its data offset {offset} is not aligned to {alignment}")
             try:
                 qtype = gguf.GGMLQuantizationType(kind)
             except ValueError:
@@ -252,14 +279,30 @@ class GGUFCheckpoint:
             begin, size = start + offset, rows * row_bytes
             if begin + size > len(buffer):
                 raise ValueError(f"tensor {name!r}: its data runs past the end of the file (truncated?)")
+            spans.append((begin, begin + size, name))
             data = np.frombuffer(buffer, np.uint8, size, begin).reshape(*shape[:-1], row_bytes)
             tensors.append(GGUFTensor(name, qtype, shape, data))
+        spans.sort()
+        for (_, end, first), (begin, _, second) in zip(spans, spans[1:], strict=False):
+            if begin < end:
+                raise ValueError(f"tensors {first!r} and {second!r} overlap in the file")
         return fields, tensors
 
-    def field(self, key: str, default: Any = None) -> Any:
-        """A metadata value (float32 values as the shortest decimal that round-trips: 1e-06, not
-        9.999999974752427e-07, so configs read from GGUF equal those read from config.json)."""
+    def field(self, key: str, default: Any = None, kind: type | None = None) -> Any:
+        """A metadata value, checked to be of ``kind`` (int, float, str, list: a list of strings,
+        np.ndarray: a numeric array) when given and present; a wrong type names the key. float32 values
+        read as the shortest decimal that round-trips (1e-06, not 9.999999974752427e-07), so configs read
+        from GGUF equal those read from config.json."""
         value = self.fields.get(key, default)
+        if value is not None and kind is not None:
+            if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = float(value)
+            elif isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+                raise CheckpointError(
+                    f"{self.path}: metadata {key!r} is not a {kind.__name__}: {str(value)[:80]}"
+                )
+            if kind is list and not all(isinstance(item, str) for item in value):
+                raise CheckpointError(f"{self.path}: metadata {key!r} is not a list of strings")
         if isinstance(value, float):
             value = float(str(np.float32(value)))
         return value
@@ -272,36 +315,40 @@ class GGUFCheckpoint:
         tensors = {t.name for t in self.tensors}
         raw: dict[str, Any] = {
             "model_type": ARCHITECTURES[a],
-            "vocab_size": len(self.field("tokenizer.ggml.tokens", [])) or self._embedding_rows(),
-            "hidden_size": self.field(f"{a}.embedding_length"),
-            "num_hidden_layers": self.field(f"{a}.block_count"),
-            "num_attention_heads": self.field(f"{a}.attention.head_count"),
-            "num_key_value_heads": self.field(f"{a}.attention.head_count_kv"),
-            "head_dim": self.field(f"{a}.attention.key_length"),
-            "max_position_embeddings": self.field(f"{a}.context_length"),
-            "rms_norm_eps": self.field(f"{a}.attention.layer_norm_rms_epsilon"),
-            "rope_theta": self.field(f"{a}.rope.freq_base", 1e6),
+            "vocab_size": len(self.field("tokenizer.ggml.tokens", [], list)) or self._embedding_rows(),
+            "hidden_size": self.field(f"{a}.embedding_length", kind=int),
+            "num_hidden_layers": self.field(f"{a}.block_count", kind=int),
+            "num_attention_heads": self.field(f"{a}.attention.head_count", kind=int),
+            "num_key_value_heads": self.field(f"{a}.attention.head_count_kv", kind=int),
+            "head_dim": self.field(f"{a}.attention.key_length", kind=int),
+            "max_position_embeddings": self.field(f"{a}.context_length", kind=int),
+            "rms_norm_eps": self.field(f"{a}.attention.layer_norm_rms_epsilon", kind=float),
+            "rope_theta": self.field(f"{a}.rope.freq_base", 10000.0, float),  # llama.cpp's default too
             "tie_word_embeddings": "output.weight" not in tensors,
             "attention_bias": "blk.0.attn_q.bias" in tensors,
-            "bos_token_id": self.field("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": self.field("tokenizer.ggml.eos_token_id"),
+            "bos_token_id": self.field("tokenizer.ggml.bos_token_id", kind=int),
+            "eos_token_id": self.field("tokenizer.ggml.eos_token_id", kind=int),
         }
         if a == "qwen3":
-            raw["intermediate_size"] = self.field(f"{a}.feed_forward_length")
+            raw["intermediate_size"] = self.field(f"{a}.feed_forward_length", kind=int)
         else:
             raw.update(
-                num_experts=self.field(f"{a}.expert_count"),
-                num_experts_per_tok=self.field(f"{a}.expert_used_count"),
-                moe_intermediate_size=self.field(f"{a}.expert_feed_forward_length"),
+                num_experts=self.field(f"{a}.expert_count", kind=int),
+                num_experts_per_tok=self.field(f"{a}.expert_used_count", kind=int),
+                moe_intermediate_size=self.field(f"{a}.expert_feed_forward_length", kind=int),
                 norm_topk_prob=True,  # llama.cpp assumes it for qwen3moe; true for every released Qwen3 MoE
-                intermediate_size=self.field(f"{a}.feed_forward_length", 0) or 1,
+                intermediate_size=self.field(f"{a}.feed_forward_length", 0, int) or 1,
             )
-        scaling = self.field(f"{a}.rope.scaling.type")
+        scaling = self.field(f"{a}.rope.scaling.type", kind=str)
         if scaling and scaling != "none":
+            factor = self.field(f"{a}.rope.scaling.factor", kind=float)
+            if factor is None:
+                raise CheckpointError(f"{self.path}: {a}.rope.scaling.type {scaling!r} without a factor")
+            original = self.field(f"{a}.rope.scaling.original_context_length", kind=int)
             raw["rope_scaling"] = {
                 "rope_type": scaling,
-                "factor": self.field(f"{a}.rope.scaling.factor"),
-                "original_max_position_embeddings": self.field(f"{a}.rope.scaling.original_context_length"),
+                "factor": factor,
+                "original_max_position_embeddings": original or raw["max_position_embeddings"],
             }
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
             if raw[key] is None:
@@ -311,6 +358,16 @@ class GGUFCheckpoint:
             return Qwen3Config.from_dict(raw)
         except ConfigError as exc:
             raise CheckpointError(f"{self.path}: {exc}") from None
+
+    def generation_config(self) -> dict[str, Any]:
+        """What a checkpoint folder's generation_config.json would say: the end-of-generation ids (the eos
+        token and ``<|endoftext|>``, on which llama.cpp also stops) and the sampling defaults every official
+        Qwen3 checkpoint publishes (GGUF has no place for them)."""
+        tokens = self.field("tokenizer.ggml.tokens", [], list)
+        eos = [i for i in (self.field("tokenizer.ggml.eos_token_id", kind=int),) if i is not None]
+        if "<|endoftext|>" in tokens and tokens.index("<|endoftext|>") not in eos:
+            eos.append(tokens.index("<|endoftext|>"))
+        return {"eos_token_id": eos, **QWEN3_SAMPLING}
 
     def _embedding_rows(self) -> int | None:
         embedding = next((t for t in self.tensors if t.name == "token_embd.weight"), None)
@@ -324,17 +381,18 @@ class GGUFCheckpoint:
         ``<tool_call>``, ...) added tokens that are not special; padding entries are left out."""
         from qwen3.tokenizer import Tokenizer, build_backend_from_vocab, check_template
 
-        model = self.field("tokenizer.ggml.model")
-        tokens, types = self.field("tokenizer.ggml.tokens"), self.field("tokenizer.ggml.token_type")
-        merges = self.field("tokenizer.ggml.merges")
+        model = self.field("tokenizer.ggml.model", kind=str)
+        tokens = self.field("tokenizer.ggml.tokens", kind=list)
+        types = self.field("tokenizer.ggml.token_type", kind=np.ndarray)
+        merges = self.field("tokenizer.ggml.merges", kind=list)
         if model != "gpt2" or not tokens or not merges or types is None or len(types) != len(tokens):
             raise CheckpointError(
                 f"{self.path}: tokenizer.ggml.* does not describe a byte-level BPE (model {model!r}, "
-                f"{len(tokens or [])} tokens, {len(merges or [])} merges, {len(types or [])} token types)"
+                f"{len(tokens or [])} tokens, {len(merges or [])} merges, {0 if types is None else len(types)} token types)"
             )
         vocab = {t: i for i, (t, kind) in enumerate(zip(tokens, types, strict=True)) if kind == _NORMAL}
         added = {
-            str(i): {"content": t, "special": kind == _CONTROL}
+            str(i): {"content": t, "special": kind == _CONTROL and t not in QWEN_ADDED_NOT_SPECIAL}
             for i, (t, kind) in enumerate(zip(tokens, types, strict=True))
             if kind in (_CONTROL, _USER_DEFINED)
         }
@@ -343,15 +401,17 @@ class GGUFCheckpoint:
         except Exception as exc:
             raise CheckpointError(f"{self.path}: tokenizer.ggml.* cannot be built ({exc})") from None
         config: dict[str, Any] = {}
-        for key, name in (("eos_token", "eos_token_id"), ("pad_token", "padding_token_id")):
-            index = self.field(f"tokenizer.ggml.{name}")
+        # Qwen's pad token is <|endoftext|>, which its files also give as bos
+        for key, names in (
+            ("eos_token", ("eos_token_id",)),
+            ("pad_token", ("padding_token_id", "bos_token_id")),
+        ):
+            index = next(
+                (i for n in names if (i := self.field(f"tokenizer.ggml.{n}", kind=int)) is not None), None
+            )
             if index is not None and 0 <= index < len(tokens):
                 config[key] = tokens[index]
-        if "pad_token" not in config and self.field("tokenizer.ggml.bos_token_id") is not None:
-            config["pad_token"] = tokens[
-                self.field("tokenizer.ggml.bos_token_id")
-            ]  # Qwen's pad is <|endoftext|>
-        template = self.field("tokenizer.chat_template")
+        template = self.field("tokenizer.chat_template", kind=str)
         if template is not None:
             check_template(template, self.path)
         return Tokenizer(backend, config, template)
@@ -526,8 +586,16 @@ def save_gguf(
 
     if quant not in QUANT_TYPES:
         raise ValueError(f"quant type {quant!r} is not one of {', '.join(QUANT_TYPES)}")
-    matrix_type, embedding_type = (gguf.GGMLQuantizationType[t] for t in QUANT_TYPES[quant])
     config = model.config
+    if config.attention_bias:
+        raise ValueError(
+            "llama.cpp's qwen3 architectures have no attention biases; this model cannot be written"
+        )
+    if config.is_moe and not config.norm_topk_prob:
+        raise ValueError(
+            "llama.cpp assumes norm_topk_prob for qwen3moe; this model (False) would run differently"
+        )
+    matrix_type, embedding_type = (gguf.GGMLQuantizationType[t] for t in QUANT_TYPES[quant])
     arch = "qwen3moe" if config.is_moe else "qwen3"
     path = Path(path)
     writer = gguf.GGUFWriter(path, arch)
@@ -550,9 +618,10 @@ def save_gguf(
         writer.add_feed_forward_length(config.intermediate_size)
     scaling = config.rope_scaling
     if scaling:
-        writer.add_rope_scaling_type(scaling["rope_type"])
+        writer.add_rope_scaling_type(gguf.RopeScalingType(scaling["rope_type"]))
         writer.add_rope_scaling_factor(scaling["factor"])
-        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        if scaling.get("original_max_position_embeddings"):
+            writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
     writer.add_file_type(_FILE_TYPES[matrix_type.name])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, tokenizer, config)

@@ -189,7 +189,9 @@ class LLM:
                 if gguf and tokenizer is None
                 else Tokenizer.from_pretrained(tokenizer or folder)
             )
-        self.generation_config = {} if gguf else self._generation_config(folder / "generation_config.json")
+        self.generation_config = (
+            gguf.generation_config() if gguf else self._generation_config(folder / "generation_config.json")
+        )
         if gguf:
             self.model = load_gguf_model(gguf, dtype=dtype, device=device, progress=progress)
         else:
