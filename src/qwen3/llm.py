@@ -155,7 +155,8 @@ class LLM:
         skip_tokenizer_init: bool = False,
         progress: bool = True,
     ) -> None:
-        """Load ``model`` (a folder or Hub repo id; None: the shipped tiny Qwen3) and size its engine.
+        """Load ``model`` (a folder, Hub repo id, GGUF file or ``owner/repo:FILE.gguf``; None: the shipped
+        tiny Qwen3) and size its engine.
 
         ``tokenizer`` reads the tokenizer from another folder or repo; ``skip_tokenizer_init`` runs
         without one (token-id prompts only, no chat, no stop strings, as vLLM's option). The KV cache takes
