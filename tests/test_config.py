@@ -191,3 +191,16 @@ def test_random_mutations_load_or_fail_with_config_error(spec_dir):
         assert config.num_parameters() > 0 and config.head_dim % 2 == 0
 
     check()
+
+
+def test_decode_parameters_are_the_activated_ones(spec_dir):
+    """Qwen's model card: 30.5B total / 3.3B activated, 235B / 22B (counting the embedding table, of which
+    a decode step reads one row); a dense model reads everything but that table, a tied one everything."""
+    released = json.loads((spec_dir / "qwen3_configs.json").read_text())["models"]
+    for name, activated in (("Qwen3-30B-A3B", 3.3e9), ("Qwen3-235B-A22B", 22e9), ("Qwen3-8B", None)):
+        config = Qwen3Config.from_dict(released[name]["config.json"])
+        table = config.vocab_size * config.hidden_size
+        expected = (activated or config.num_parameters()) - table
+        assert abs(config.decode_parameters() - expected) / expected < 0.02, name
+    tied = Qwen3Config.from_dict(released["Qwen3-0.6B"]["config.json"])
+    assert tied.decode_parameters() == tied.num_parameters()

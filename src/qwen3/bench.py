@@ -278,14 +278,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         CACHE / f"qwen3-0.6b-random-{args.dtype}", QWEN3_0_6B, dtype
     )
     from qwen3 import kernels
+    from qwen3.checkpoint import load_config
     from qwen3.gguf_checkpoint import GGUFCheckpoint, is_gguf
 
-    if is_gguf(folder):  # the file's own bytes; qwen3 reads what it dequantized them to
-        checkpoint = GGUFCheckpoint(folder)
-        weight_bytes = checkpoint.config().num_parameters() * dtype.itemsize
+    if is_gguf(folder):  # qwen3 reads what it dequantized the file's blocks to
+        config = GGUFCheckpoint(folder).config()
         file_bytes = folder.stat().st_size
     else:
-        weight_bytes = file_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        config = load_config(folder)
+        file_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    weight_bytes = config.decode_parameters() * dtype.itemsize  # a MoE step reads its active experts only
 
     report: dict[str, Any] = {
         "checkpoint": str(folder),
@@ -296,7 +298,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
     }
     report["read_bandwidth_GBs"] = read_bandwidth() / 1e9
-    report["weight_GB"] = weight_bytes / 1e9  # what qwen3 reads per decode step
+    report["weight_GB"] = weight_bytes / 1e9  # what qwen3 reads per batch-1 decode step
     report["file_GB"] = file_bytes / 1e9
     peers = [p for p in args.peers.split(",") if p and p != "none"]
     report["qwen3"] = bench_qwen3(folder, args)

@@ -301,6 +301,15 @@ class Qwen3Config:
         embeddings = self.vocab_size * self.hidden_size
         return total + embeddings * (1 if self.tie_word_embeddings else 2) + self.hidden_size
 
+    def decode_parameters(self) -> int:
+        """Parameters one batch-1 decode step reads, what its roofline divides by: all of them but the
+        experts the router leaves out (``num_experts - num_experts_per_tok`` per sparse layer) and, unless
+        the lm_head shares it, the embedding table, of which a step reads one row."""
+        expert = 3 * self.hidden_size * self.moe_intermediate_size
+        idle = sum(self.is_sparse_layer(i) for i in range(self.num_hidden_layers)) * expert
+        table = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        return self.num_parameters() - idle * (self.num_experts - self.num_experts_per_tok) - table
+
     def to_dict(self) -> dict[str, Any]:
         """config.json in the official (transformers 4.51) dialect, which every loader reads."""
         out: dict[str, Any] = {"architectures": [self.architecture]}
