@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from qwen3.config import ConfigError, Qwen3Config, parse_dtype
-from qwen3.device import available_cpu_memory
+from qwen3.device import check_weights_fit
 from qwen3.gguf_checkpoint import is_gguf, load_gguf_model
 from qwen3.hub import CheckpointError, file_in, read_json, resolve_model_dir
 from qwen3.model import Qwen3ForCausalLM, checkpoint_layout, iter_checkpoint_tensors, model_class
@@ -84,13 +84,7 @@ def load_model(
     config = load_config(folder)
     target_dtype = parse_dtype(dtype) or config.torch_dtype or torch.float32
     files = weight_files(folder)
-    if torch.device(device).type == "cpu":
-        need, free = config.num_parameters() * target_dtype.itemsize, available_cpu_memory()
-        if need > free:
-            raise CheckpointError(
-                f"{folder / 'config.json'}: the model it describes needs {need / 2**30:.1f} GiB in "
-                f"{str(target_dtype).removeprefix('torch.')}, but only {free / 2**30:.1f} GiB of RAM is available"
-            )
+    check_weights_fit(config.num_parameters(), target_dtype, device, folder / "config.json")
     with torch.device("meta"):
         model = model_class(config)(config)
     model = model.to_empty(device=device).to(target_dtype)

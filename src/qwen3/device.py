@@ -78,3 +78,18 @@ def release_memory() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+def check_weights_fit(parameters: int, dtype: torch.dtype, device: torch.device | str, source: Path) -> None:
+    """Refuse, before anything is allocated, weights that cannot fit the RAM this process has left
+    (CPU only; a GPU's own allocator says so clearly enough). ``source`` names the file that describes them."""
+    from qwen3.hub import CheckpointError
+
+    if torch.device(device).type != "cpu":
+        return
+    need, free = parameters * dtype.itemsize, available_cpu_memory()
+    if need > free:
+        raise CheckpointError(
+            f"{source}: the model it describes needs {need / 2**30:.1f} GiB in "
+            f"{str(dtype).removeprefix('torch.')}, but only {free / 2**30:.1f} GiB of RAM is available"
+        )

@@ -2,10 +2,10 @@
 
 A GGUF file holds everything a checkpoint folder does: the config (``{arch}.*`` metadata, arch ``qwen3`` or
 ``qwen3moe``), the tokenizer (``tokenizer.ggml.*``: byte-level BPE tokens, merges and token types), the chat
-template (``tokenizer.chat_template``) and the weights, float or block-quantized. The file is read with
-llama.cpp's own ``gguf`` package (memory-mapped); the config goes through :meth:`Qwen3Config.from_dict`, so
-it is validated like any config.json; the tokenizer is rebuilt with the same pipeline as the Hugging Face
-one, so it encodes identically.
+template (``tokenizer.chat_template``) and the weights, float or block-quantized. The header is parsed here
+and the file memory-mapped; tensor types, block sizes and dequantization are llama.cpp's own ``gguf``
+package's. The config goes through :meth:`Qwen3Config.from_dict`, so it is validated like any config.json;
+the tokenizer is rebuilt with the same pipeline as the Hugging Face one, so it encodes identically.
 
 Weights are dequantized at load, tensor by tensor, with ``gguf.quants.dequantize`` (bit-exact to
 llama.cpp's dequantization, every type it knows) into the model's dtype: float32 keeps every value a
@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qwen3.config import ConfigError, Qwen3Config, parse_dtype
-from qwen3.device import available_cpu_memory
+from qwen3.device import check_weights_fit
 from qwen3.hub import CheckpointError, ModelNotFoundError
 from qwen3.model import Qwen3ForCausalLM, checkpoint_layout, model_class
 
@@ -463,13 +463,7 @@ def load_gguf_model(
     config = checkpoint.config()
     kinds = {t.type.name for t in checkpoint.tensors if len(t.shape) > 1}
     target_dtype = parse_dtype(dtype) or (torch.float32 if kinds <= {"F32"} else torch.bfloat16)
-    if torch.device(device).type == "cpu":
-        need, free = config.num_parameters() * target_dtype.itemsize, available_cpu_memory()
-        if need > free:
-            raise CheckpointError(
-                f"{checkpoint.path}: the model needs {need / 2**30:.1f} GiB in "
-                f"{str(target_dtype).removeprefix('torch.')}, but only {free / 2**30:.1f} GiB of RAM is available"
-            )
+    check_weights_fit(config.num_parameters(), target_dtype, device, checkpoint.path)
     with torch.device("meta"):
         model = model_class(config)(config)
     model = model.to_empty(device=device).to(target_dtype)
