@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen3 import CheckpointError, ModelNotFoundError, load_model
+from qwen3 import CheckpointError, ModelNotFoundError, load_model, save_model
 from qwen3.checkpoint import INDEX_FILE, SINGLE_FILE
 from tests.reference import make_hf_checkpoint
 
@@ -201,3 +201,114 @@ def test_hub_id_resolves_from_the_cache(good, tmp_path, monkeypatch):
     ids = torch.arange(10).view(1, 10)
     with torch.no_grad():
         assert torch.equal(model(ids), local(ids))
+
+
+# --------------------------------------------------------------------------------------------- FP8
+
+FP8_BLOCK = 128
+
+
+def _to_fp8(folder, out, scale_dtype=torch.float32):
+    """Rewrite a float checkpoint the way Qwen's -FP8 ones are stored: every linear weight (not the
+    embeddings, lm_head, norms or router) as float8_e4m3fn blocks of 128 x 128 with a multiplier each, and
+    write the float checkpoint those blocks decode to beside it (the reference)."""
+    shutil.copytree(folder, out)
+    reference = out.parent / (out.name + "-dequantized")
+    shutil.copytree(folder, reference)
+    tensors = load_file(folder / SINGLE_FILE)
+    quantized, decoded = {}, {}
+    for name, weight in tensors.items():
+        linear = name.endswith("proj.weight") and weight.dim() == 2
+        if not linear:
+            quantized[name] = decoded[name] = weight
+            continue
+        rows, cols = weight.shape
+        grid = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
+        padded = torch.zeros(grid[0] * FP8_BLOCK, grid[1] * FP8_BLOCK)
+        padded[:rows, :cols] = weight.float()
+        blocks = padded.view(grid[0], FP8_BLOCK, grid[1], FP8_BLOCK)
+        scale = (blocks.abs().amax(dim=(1, 3)) / 448).clamp_min(1e-12).to(scale_dtype)
+        expanded = scale.float()[:, None, :, None].expand_as(blocks)
+        fp8 = (blocks / expanded).to(torch.float8_e4m3fn)
+        quantized[name] = fp8.reshape(padded.shape)[:rows, :cols].contiguous()
+        quantized[name + "_scale_inv"] = scale
+        decoded[name] = (
+            (fp8.float() * expanded).reshape(padded.shape)[:rows, :cols].to(weight.dtype).contiguous()
+        )
+    save_file(quantized, out / SINGLE_FILE, metadata={"format": "pt"})
+    save_file(decoded, reference / SINGLE_FILE, metadata={"format": "pt"})
+    raw = json.loads((folder / "config.json").read_text())
+    raw["quantization_config"] = {
+        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128],
+    }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(raw))
+    return out, reference
+
+
+@pytest.mark.parametrize(("moe", "scale_dtype"), [(False, torch.float32), (True, torch.bfloat16)])
+def test_fp8_checkpoints_load_as_the_blocks_they_hold(tmp_path, moe, scale_dtype):
+    """Qwen's fine-grained FP8 format, dense and MoE (experts one tensor each), float32 or bf16 scales:
+    logits equal transformers' on the weights the blocks decode to."""
+    from tests.reference import load_reference
+
+    shape = dict(
+        hidden_size=256, intermediate_size=320, head_dim=64, num_attention_heads=4, num_key_value_heads=2
+    )
+    folder = make_hf_checkpoint(
+        tmp_path / "float", moe=moe, **shape, **({"moe_intermediate_size": 160} if moe else {})
+    )
+    fp8, reference = _to_fp8(folder, tmp_path / "fp8", scale_dtype)
+    model = load_model(fp8, dtype="float32", progress=False)
+    assert model.config.fp8_block == (128, 128)
+    ids = torch.arange(12).view(1, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(ids), load_reference(reference).float()(ids).logits, atol=1e-4, rtol=0
+        )
+    saved = tmp_path / "saved"
+    save_model(model, saved)  # written back as plain floats: no quantization_config
+    assert "quantization_config" not in json.loads((saved / "config.json").read_text())
+
+
+def test_broken_fp8_checkpoints_name_the_tensor(tmp_path):
+    shape = dict(
+        hidden_size=256, intermediate_size=320, head_dim=64, num_attention_heads=4, num_key_value_heads=2
+    )
+    fp8, _ = _to_fp8(make_hf_checkpoint(tmp_path / "float", **shape), tmp_path / "fp8")
+    tensors = load_file(fp8 / SINGLE_FILE)
+    name = "model.layers.0.mlp.down_proj.weight"
+
+    def broken(edit, config_change=None):
+        folder = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(fp8, folder)
+        changed = dict(tensors)
+        edit(changed)
+        save_file(changed, folder / SINGLE_FILE, metadata={"format": "pt"})
+        if config_change is not None:
+            raw = json.loads((folder / "config.json").read_text())
+            raw.update(config_change)
+            (folder / "config.json").write_text(json.dumps(raw))
+        return folder
+
+    cases = [
+        (
+            broken(lambda t: t.pop(name + "_scale_inv")),
+            r"down_proj\.weight' is float8 but its .*scale_inv' is missing",
+        ),
+        (
+            broken(lambda t: t.update({name + "_scale_inv": torch.ones(1, 1)})),
+            r"down_proj\.weight_scale_inv' has shape",
+        ),
+        (broken(lambda t: None, {"quantization_config": None}), r"is float8, but config\.json has no fp8"),
+        (
+            broken(lambda t: t.update({"model.norm.weight_scale_inv": torch.ones(1)})),
+            r"scales no float8 weight",
+        ),
+        (
+            broken(lambda t: None, {"quantization_config": {"quant_method": "awq"}}),
+            r"quant_method 'awq' is not supported",
+        ),
+    ]
+    for folder, match in cases:
+        with pytest.raises(CheckpointError, match=match):
+            load_model(folder, progress=False)

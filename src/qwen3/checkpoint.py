@@ -31,6 +31,7 @@ INDEX_FILE = "model.safetensors.index.json"
 _FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 # Tensors some exporters add that carry nothing the model needs (recomputed buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_FP8_SCALE = ".weight_scale_inv"  # Qwen's FP8 checkpoints: one float scale per weight block
 
 
 __all__ = ["CheckpointError", "load_model", "save_model", "weight_files"]
@@ -95,11 +96,23 @@ def load_model(
 
 
 def fill_parameters(model: Qwen3ForCausalLM, files: list[Path], progress: bool = True) -> None:
-    """Copy every checkpoint tensor into its slice of the model, checking names, shapes and dtypes."""
+    """Copy every checkpoint tensor into its slice of the model, checking names, shapes and dtypes.
+
+    FP8 weights (float8_e4m3fn, with a ``weight_scale_inv`` per block, possibly in another shard) are
+    dequantized on the way: ``W[block] = fp8.float() * weight_scale_inv[block]``.
+    """
     layout = checkpoint_layout(model)
     seen: dict[str, Path] = {}
-    total = sum(_count_tensors(f) for f in files)
-    bar = tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress, leave=False)
+    names = {path: _tensor_names(path) for path in files}
+    scales = {n: path for path, found in names.items() for n in found if n.endswith(_FP8_SCALE)}
+    used_scales: set[str] = set()
+    bar = tqdm(
+        total=sum(map(len, names.values())),
+        desc="Loading weights",
+        unit="tensor",
+        disable=not progress,
+        leave=False,
+    )
     for path in files:
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
@@ -108,6 +121,8 @@ def fill_parameters(model: Qwen3ForCausalLM, files: list[Path], progress: bool =
                     if name in seen:
                         raise CheckpointError(f"{path}: tensor {name!r} is also in {seen[name]}")
                     seen[name] = path
+                    if name in scales:
+                        continue  # read with its weight
                     if name not in layout:
                         if name.endswith(_IGNORED_SUFFIXES) or (
                             name == "lm_head.weight" and model.config.tie_word_embeddings
@@ -122,7 +137,10 @@ def fill_parameters(model: Qwen3ForCausalLM, files: list[Path], progress: bool =
                             f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                             f"expected {tuple(target.shape)} from config.json"
                         )
-                    if tensor.dtype not in _FLOAT_DTYPES:
+                    if tensor.dtype == torch.float8_e4m3fn:
+                        tensor = _dequantize_fp8(model.config, path, name, tensor, scales)
+                        used_scales.add(name + "_scale_inv")
+                    elif tensor.dtype not in _FLOAT_DTYPES:
                         raise CheckpointError(
                             f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected a float dtype "
                             f"(checkpoint declares {model.config.torch_dtype})"
@@ -133,6 +151,9 @@ def fill_parameters(model: Qwen3ForCausalLM, files: list[Path], progress: bool =
         except Exception as exc:  # safetensors raises its own error type for corrupt/truncated files
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     bar.close()
+    stray = sorted(set(scales) - used_scales)
+    if stray:
+        raise CheckpointError(f"{scales[stray[0]]}: unexpected tensor {stray[0]!r} (scales no float8 weight)")
     missing = [name for name in layout if name not in seen]
     if missing:
         where = ", ".join(p.name for p in files)
@@ -140,10 +161,35 @@ def fill_parameters(model: Qwen3ForCausalLM, files: list[Path], progress: bool =
         raise CheckpointError(f"{where}: missing tensor(s) {missing[:5]}{more}")
 
 
-def _count_tensors(path: Path) -> int:
+def _dequantize_fp8(
+    config: Qwen3Config, path: Path, name: str, weight: torch.Tensor, scales: dict[str, Path]
+) -> torch.Tensor:
+    """One FP8 block-quantized weight as float32, its scale checked against config.json's block size."""
+    block = config.fp8_block
+    if block is None:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} is float8, but config.json has no fp8 quantization_config"
+        )
+    scale_name = name + "_scale_inv"
+    if scale_name not in scales:
+        raise CheckpointError(f"{path}: tensor {name!r} is float8 but its {scale_name!r} is missing")
+    with safe_open(scales[scale_name], framework="pt", device="cpu") as f:
+        scale = f.get_tensor(scale_name)
+    rows, cols = weight.shape
+    expected = (-(-rows // block[0]), -(-cols // block[1]))
+    if tuple(scale.shape) != expected or scale.dtype not in _FLOAT_DTYPES:
+        raise CheckpointError(
+            f"{scales[scale_name]}: tensor {scale_name!r} has shape {tuple(scale.shape)} and dtype {scale.dtype}, "
+            f"expected a float {expected} for blocks of {block[0]}x{block[1]}"
+        )
+    grid = scale.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return weight.float() * grid
+
+
+def _tensor_names(path: Path) -> list[str]:
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            return len(f.keys())
+            return list(f.keys())
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
 

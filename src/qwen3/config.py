@@ -57,6 +57,27 @@ _BOOL_FIELDS = ("attention_bias", "tie_word_embeddings", "norm_topk_prob", "use_
 _TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
+def _check_quantization(quantization: Any) -> None:
+    """Qwen's official FP8 format is read (dequantized at load); any other scheme is refused by name."""
+    if quantization is None:
+        return
+    if not isinstance(quantization, dict):
+        raise ConfigError(f"quantization_config must be an object, got {quantization!r}")
+    method = quantization.get("quant_method")
+    if method != "fp8":
+        raise ConfigError(
+            f"quantization_config.quant_method {method!r} is not supported yet (qwen3 reads Qwen's fp8 "
+            "checkpoints and GGUF files)"
+        )
+    if quantization.get("fmt", "e4m3") != "e4m3":
+        raise ConfigError(f"quantization_config.fmt {quantization.get('fmt')!r}: qwen3 reads e4m3")
+    block = quantization.get("weight_block_size")
+    if not (
+        isinstance(block, list) and len(block) == 2 and all(_is_int(b) and 1 <= b <= 4096 for b in block)
+    ):
+        raise ConfigError(f"quantization_config.weight_block_size must be [rows, columns], got {block!r}")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -150,6 +171,17 @@ class Qwen3Config:
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     router_aux_loss_coef: float = 0.001
+    # How the checkpoint's weights are stored when not plain floats: Qwen's fine-grained FP8 (e4m3 blocks
+    # with a scale each). qwen3 dequantizes at load; a saved model is plain floats again.
+    quantization_config: dict[str, Any] | None = None
+
+    @property
+    def fp8_block(self) -> tuple[int, int] | None:
+        """The (rows, columns) of one FP8 scale block, for an FP8 checkpoint; None otherwise."""
+        if not self.quantization_config:
+            return None
+        rows, cols = self.quantization_config["weight_block_size"]
+        return rows, cols
 
     @property
     def is_moe(self) -> bool:
@@ -205,6 +237,7 @@ class Qwen3Config:
         if raw.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act {raw['hidden_act']!r} is not supported; Qwen3 uses silu")
         _check_field_types(raw)
+        _check_quantization(raw.get("quantization_config"))
 
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in raw.items() if k in names}
@@ -329,6 +362,7 @@ class Qwen3Config:
                 "router_aux_loss_coef",
             ):
                 out.pop(name)
+        out.pop("quantization_config")  # a saved model holds plain float weights
         out["use_sliding_window"] = False
         out["sliding_window"] = None
         return out
