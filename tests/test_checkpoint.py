@@ -293,7 +293,7 @@ def test_broken_fp8_checkpoints_name_the_tensor(tmp_path):
     cases = [
         (
             broken(lambda t: t.pop(name + "_scale_inv")),
-            r"down_proj\.weight' is float8 but its .*scale_inv' is missing",
+            r"down_proj\.weight' is quantized but its .*scale_inv' is missing",
         ),
         (
             broken(lambda t: t.update({name + "_scale_inv": torch.ones(1, 1)})),
@@ -302,13 +302,101 @@ def test_broken_fp8_checkpoints_name_the_tensor(tmp_path):
         (broken(lambda t: None, {"quantization_config": None}), r"is float8, but config\.json has no fp8"),
         (
             broken(lambda t: t.update({"model.norm.weight_scale_inv": torch.ones(1)})),
-            r"scales no float8 weight",
+            r"no quantized weight of its prefix",
         ),
         (
-            broken(lambda t: None, {"quantization_config": {"quant_method": "awq"}}),
-            r"quant_method 'awq' is not supported",
+            broken(lambda t: None, {"quantization_config": {"quant_method": "gptq"}}),
+            r"quant_method 'gptq' is not supported",
         ),
     ]
     for folder, match in cases:
         with pytest.raises(CheckpointError, match=match):
             load_model(folder, progress=False)
+
+
+# --------------------------------------------------------------------------------------------- AWQ
+
+AWQ_GROUP = 16  # divides every input width of the tiny test models (48, 64, 96)
+AWQ_PACK_ORDER = [
+    0,
+    2,
+    4,
+    6,
+    1,
+    3,
+    5,
+    7,
+]  # AutoAWQ's GEMM order: nibble i of a word holds column col*8 + ORDER[i]
+
+
+def _pack_awq(values: torch.Tensor) -> torch.Tensor:
+    """int ``[rows, cols]`` of 0..15 -> int32 ``[rows, cols/8]``, nibble by nibble as AutoAWQ's packer does."""
+    rows, cols = values.shape
+    packed = torch.zeros(rows, cols // 8, dtype=torch.int64)
+    for col in range(cols // 8):
+        for i in range(8):
+            packed[:, col] |= values[:, col * 8 + AWQ_PACK_ORDER[i]].long() << (4 * i)
+    return packed.to(torch.uint32).view(torch.int32) if hasattr(torch, "uint32") else packed.to(torch.int32)
+
+
+def _to_awq(folder, out):
+    """Every linear weight as 4-bit AWQ GEMM tensors (asymmetric, a scale and zero per group of input rows),
+    and the float checkpoint they decode to beside it."""
+    shutil.copytree(folder, out)
+    reference = out.parent / (out.name + "-dequantized")
+    shutil.copytree(folder, reference)
+    tensors = load_file(folder / SINGLE_FILE)
+    quantized, decoded = {}, {}
+    for name, weight in tensors.items():
+        if not (name.endswith("proj.weight") and weight.dim() == 2):
+            quantized[name] = decoded[name] = weight
+            continue
+        w = weight.float().T  # [in, out]
+        groups = w.view(w.shape[0] // AWQ_GROUP, AWQ_GROUP, w.shape[1])
+        low, high = groups.amin(dim=1), groups.amax(dim=1)
+        scale = ((high - low) / 15).clamp_min(1e-8)
+        zero = (-low / scale).round().clamp(0, 15)
+        q = (groups / scale[:, None] + zero[:, None]).round().clamp(0, 15).view_as(w).to(torch.int32)
+        prefix = name.removesuffix(".weight")
+        quantized[prefix + ".qweight"] = _pack_awq(q)
+        quantized[prefix + ".qzeros"] = _pack_awq(zero.to(torch.int32))
+        quantized[prefix + ".scales"] = scale.half()
+        full_zero, full_scale = (
+            zero.repeat_interleave(AWQ_GROUP, 0),
+            scale.half().float().repeat_interleave(AWQ_GROUP, 0),
+        )
+        decoded[name] = ((q.float() - full_zero) * full_scale).T.contiguous().to(weight.dtype)
+    save_file(quantized, out / SINGLE_FILE, metadata={"format": "pt"})
+    save_file(decoded, reference / SINGLE_FILE, metadata={"format": "pt"})
+    raw = json.loads((folder / "config.json").read_text())
+    raw["quantization_config"] = {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": AWQ_GROUP,
+        "version": "gemm",
+        "zero_point": True,
+    }
+    (out / "config.json").write_text(json.dumps(raw))
+    return out, reference
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_awq_checkpoints_load_as_the_weights_they_pack(tmp_path, moe):
+    from tests.reference import load_reference
+
+    folder = make_hf_checkpoint(tmp_path / "float", moe=moe)
+    awq, reference = _to_awq(folder, tmp_path / "awq")
+    model = load_model(awq, dtype="float32", progress=False)
+    assert model.config.awq_group_size == AWQ_GROUP
+    ids = torch.arange(12).view(1, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(ids), load_reference(reference).float()(ids).logits, atol=1e-4, rtol=0
+        )
+    tensors = load_file(awq / SINGLE_FILE)
+    tensors.pop("model.layers.0.self_attn.o_proj.scales")
+    save_file(tensors, awq / SINGLE_FILE, metadata={"format": "pt"})
+    with pytest.raises(
+        CheckpointError, match=r"o_proj\.qweight' is quantized but its .*o_proj\.scales' is missing"
+    ):
+        load_model(awq, progress=False)

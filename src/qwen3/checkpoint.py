@@ -32,6 +32,9 @@ _FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 # Tensors some exporters add that carry nothing the model needs (recomputed buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _FP8_SCALE = ".weight_scale_inv"  # Qwen's FP8 checkpoints: one float scale per weight block
+_AWQ_PARTS = (".qzeros", ".scales")  # AWQ checkpoints: beside each <prefix>.qweight
+_COMPANIONS = (_FP8_SCALE, *_AWQ_PARTS)  # tensors read with the weight they describe
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's GEMM packing: nibble i of an int32 holds output column ORDER[i]
 
 
 __all__ = ["CheckpointError", "load_model", "save_model", "weight_files"]
@@ -98,14 +101,15 @@ def load_model(
 def fill_parameters(model: Qwen3ForCausalLM, files: list[Path], progress: bool = True) -> None:
     """Copy every checkpoint tensor into its slice of the model, checking names, shapes and dtypes.
 
-    FP8 weights (float8_e4m3fn, with a ``weight_scale_inv`` per block, possibly in another shard) are
-    dequantized on the way: ``W[block] = fp8.float() * weight_scale_inv[block]``.
+    Quantized weights are dequantized on the way (their companion tensors may be in another shard):
+    FP8 (float8_e4m3fn with a ``weight_scale_inv`` per block): ``W[block] = fp8.float() * scale[block]``;
+    AWQ (``qweight``/``qzeros``/``scales``, 4-bit GEMM packing): ``W.T = (q - zero) * scale`` per group.
     """
     layout = checkpoint_layout(model)
     seen: dict[str, Path] = {}
     names = {path: _tensor_names(path) for path in files}
-    scales = {n: path for path, found in names.items() for n in found if n.endswith(_FP8_SCALE)}
-    used_scales: set[str] = set()
+    companions = {n: path for path, found in names.items() for n in found if n.endswith(_COMPANIONS)}
+    used: set[str] = set()
     bar = tqdm(
         total=sum(map(len, names.values())),
         desc="Loading weights",
@@ -121,8 +125,12 @@ def fill_parameters(model: Qwen3ForCausalLM, files: list[Path], progress: bool =
                     if name in seen:
                         raise CheckpointError(f"{path}: tensor {name!r} is also in {seen[name]}")
                     seen[name] = path
-                    if name in scales:
+                    if name in companions:
                         continue  # read with its weight
+                    awq = name.endswith(".qweight")
+                    if awq:  # the weight it packs, under the name the model knows
+                        seen[name.removesuffix(".qweight") + ".weight"] = path
+                        name = name.removesuffix(".qweight") + ".weight"
                     if name not in layout:
                         if name.endswith(_IGNORED_SUFFIXES) or (
                             name == "lm_head.weight" and model.config.tie_word_embeddings
@@ -131,15 +139,22 @@ def fill_parameters(model: Qwen3ForCausalLM, files: list[Path], progress: bool =
                         raise CheckpointError(f"{path}: unexpected tensor {name!r} (not part of this model)")
                     param, index = layout[name]
                     target = param.data[index]
-                    tensor = f.get_tensor(name)
+                    if awq:
+                        prefix = name.removesuffix(".weight")
+                        tensor = _dequantize_awq(
+                            model.config, path, prefix, f.get_tensor(prefix + ".qweight"), companions
+                        )
+                        used.update(prefix + part for part in _AWQ_PARTS)
+                    else:
+                        tensor = f.get_tensor(name)
                     if tuple(tensor.shape) != tuple(target.shape):
                         raise CheckpointError(
                             f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                             f"expected {tuple(target.shape)} from config.json"
                         )
                     if tensor.dtype == torch.float8_e4m3fn:
-                        tensor = _dequantize_fp8(model.config, path, name, tensor, scales)
-                        used_scales.add(name + "_scale_inv")
+                        tensor = _dequantize_fp8(model.config, path, name, tensor, companions)
+                        used.add(name + "_scale_inv")
                     elif tensor.dtype not in _FLOAT_DTYPES:
                         raise CheckpointError(
                             f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected a float dtype "
@@ -151,9 +166,11 @@ def fill_parameters(model: Qwen3ForCausalLM, files: list[Path], progress: bool =
         except Exception as exc:  # safetensors raises its own error type for corrupt/truncated files
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     bar.close()
-    stray = sorted(set(scales) - used_scales)
+    stray = sorted(set(companions) - used)
     if stray:
-        raise CheckpointError(f"{scales[stray[0]]}: unexpected tensor {stray[0]!r} (scales no float8 weight)")
+        raise CheckpointError(
+            f"{companions[stray[0]]}: unexpected tensor {stray[0]!r} (no quantized weight of its prefix)"
+        )
     missing = [name for name in layout if name not in seen]
     if missing:
         where = ", ".join(p.name for p in files)
@@ -171,10 +188,7 @@ def _dequantize_fp8(
             f"{path}: tensor {name!r} is float8, but config.json has no fp8 quantization_config"
         )
     scale_name = name + "_scale_inv"
-    if scale_name not in scales:
-        raise CheckpointError(f"{path}: tensor {name!r} is float8 but its {scale_name!r} is missing")
-    with safe_open(scales[scale_name], framework="pt", device="cpu") as f:
-        scale = f.get_tensor(scale_name)
+    scale = _companion(scales, scale_name, name, path)
     rows, cols = weight.shape
     expected = (-(-rows // block[0]), -(-cols // block[1]))
     if tuple(scale.shape) != expected or scale.dtype not in _FLOAT_DTYPES:
@@ -184,6 +198,51 @@ def _dequantize_fp8(
         )
     grid = scale.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
     return weight.float() * grid
+
+
+def _companion(companions: dict[str, Path], name: str, of: str, path: Path) -> torch.Tensor:
+    if name not in companions:
+        raise CheckpointError(f"{path}: tensor {of!r} is quantized but its {name!r} is missing")
+    with safe_open(companions[name], framework="pt", device="cpu") as f:
+        return f.get_tensor(name)
+
+
+def _dequantize_awq(
+    config: Qwen3Config, path: Path, prefix: str, qweight: torch.Tensor, companions: dict[str, Path]
+) -> torch.Tensor:
+    """One AWQ (GEMM) weight as float32 ``[out, in]``: ``qweight`` int32 ``[in, out/8]`` and ``qzeros``
+    int32 ``[in/group, out/8]`` pack eight 4-bit values each in AWQ's column order; ``scales`` ``[in/group,
+    out]``."""
+    group = config.awq_group_size
+    if group is None:
+        raise CheckpointError(
+            f"{path}: tensor {prefix + '.qweight'!r} is AWQ, but config.json has no awq quantization_config"
+        )
+    qzeros = _companion(companions, prefix + ".qzeros", prefix + ".qweight", path)
+    scales = _companion(companions, prefix + ".scales", prefix + ".qweight", path)
+    rows, packed = qweight.shape
+    out = packed * 8
+    if (
+        qweight.dtype != torch.int32 or qzeros.dtype != torch.int32 or scales.dtype not in _FLOAT_DTYPES
+        or rows % group or tuple(qzeros.shape) != (rows // group, packed) or tuple(scales.shape) != (rows // group, out)
+    ):  # fmt: skip
+        raise CheckpointError(
+            f"{path}: AWQ tensors of {prefix!r} do not fit together: qweight {tuple(qweight.shape)} {qweight.dtype}, "
+            f"qzeros {tuple(qzeros.shape)} {qzeros.dtype}, scales {tuple(scales.shape)} {scales.dtype} (group {group})"
+        )
+    weight = _unpack_awq(qweight)
+    zeros = _unpack_awq(qzeros).repeat_interleave(group, 0)
+    return ((weight - zeros).float() * scales.float().repeat_interleave(group, 0)).T
+
+
+def _unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """int32 ``[r, c]`` of eight 4-bit values each -> ``[r, 8c]`` in output-column order."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    nibbles = (packed[:, :, None] >> shifts) & 0xF  # [r, c, 8]: nibble i is column ORDER[i] of its 8
+    order = torch.tensor(AWQ_ORDER)
+    columns = torch.empty_like(nibbles)
+    columns[:, :, order] = nibbles
+    return columns.reshape(packed.shape[0], -1)
 
 
 def _tensor_names(path: Path) -> list[str]:

@@ -58,16 +58,30 @@ _TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def _check_quantization(quantization: Any) -> None:
-    """Qwen's official FP8 format is read (dequantized at load); any other scheme is refused by name."""
+    """Qwen's official FP8 and AWQ formats are read (dequantized at load); any other scheme is refused by name."""
     if quantization is None:
         return
     if not isinstance(quantization, dict):
         raise ConfigError(f"quantization_config must be an object, got {quantization!r}")
     method = quantization.get("quant_method")
+    if method == "awq":
+        version = str(quantization.get("version", "gemm")).lower()
+        group = quantization.get("group_size")
+        if (
+            quantization.get("bits", 4) != 4
+            or version != "gemm"
+            or quantization.get("zero_point", True) is not True
+        ):
+            raise ConfigError(
+                f"quantization_config: qwen3 reads 4-bit AWQ GEMM checkpoints with zero points, got {quantization}"
+            )
+        if not (_is_int(group) and 1 <= group <= 4096):
+            raise ConfigError(f"quantization_config.group_size must be a positive integer, got {group!r}")
+        return
     if method != "fp8":
         raise ConfigError(
-            f"quantization_config.quant_method {method!r} is not supported yet (qwen3 reads Qwen's fp8 "
-            "checkpoints and GGUF files)"
+            f"quantization_config.quant_method {method!r} is not supported yet (qwen3 reads Qwen's fp8 and "
+            "AWQ checkpoints, and GGUF files)"
         )
     if quantization.get("fmt", "e4m3") != "e4m3":
         raise ConfigError(f"quantization_config.fmt {quantization.get('fmt')!r}: qwen3 reads e4m3")
@@ -178,10 +192,17 @@ class Qwen3Config:
     @property
     def fp8_block(self) -> tuple[int, int] | None:
         """The (rows, columns) of one FP8 scale block, for an FP8 checkpoint; None otherwise."""
-        if not self.quantization_config:
+        if not self.quantization_config or self.quantization_config["quant_method"] != "fp8":
             return None
         rows, cols = self.quantization_config["weight_block_size"]
         return rows, cols
+
+    @property
+    def awq_group_size(self) -> int | None:
+        """Input rows per AWQ scale and zero, for an AWQ checkpoint; None otherwise."""
+        if not self.quantization_config or self.quantization_config["quant_method"] != "awq":
+            return None
+        return self.quantization_config["group_size"]
 
     @property
     def is_moe(self) -> bool:
