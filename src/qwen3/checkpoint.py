@@ -129,8 +129,12 @@ def fill_parameters(model: Qwen3ForCausalLM, files: list[Path], progress: bool =
                         continue  # read with its weight
                     awq = name.endswith(".qweight")
                     if awq:  # the weight it packs, under the name the model knows
-                        seen[name.removesuffix(".qweight") + ".weight"] = path
                         name = name.removesuffix(".qweight") + ".weight"
+                        if name in seen:
+                            raise CheckpointError(
+                                f"{path}: tensor {name!r} is also in {seen[name]} (packed here)"
+                            )
+                        seen[name] = path
                     if name not in layout:
                         if name.endswith(_IGNORED_SUFFIXES) or (
                             name == "lm_head.weight" and model.config.tie_word_embeddings
