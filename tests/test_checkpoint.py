@@ -208,20 +208,32 @@ def test_hub_id_resolves_from_the_cache(good, tmp_path, monkeypatch):
 FP8_BLOCK = 128
 
 
-def _to_fp8(folder, out, scale_dtype=torch.float32):
-    """Rewrite a float checkpoint the way Qwen's -FP8 ones are stored: every linear weight (not the
-    embeddings, lm_head, norms or router) as float8_e4m3fn blocks of 128 x 128 with a multiplier each, and
-    write the float checkpoint those blocks decode to beside it (the reference)."""
+def _requantized(folder, out, encode, quantization_config):
+    """``folder`` rewritten with every linear weight (not the embeddings, lm_head, norms or router) replaced
+    by ``encode(name, weight) -> (tensors to store, the weight they decode to)``, and beside it the float
+    checkpoint those tensors decode to (the reference)."""
     shutil.copytree(folder, out)
     reference = out.parent / (out.name + "-dequantized")
     shutil.copytree(folder, reference)
-    tensors = load_file(folder / SINGLE_FILE)
     quantized, decoded = {}, {}
-    for name, weight in tensors.items():
-        linear = name.endswith("proj.weight") and weight.dim() == 2
-        if not linear:
+    for name, weight in load_file(folder / SINGLE_FILE).items():
+        if name.endswith("proj.weight") and weight.dim() == 2:
+            stored, decoded[name] = encode(name, weight)
+            quantized.update(stored)
+        else:
             quantized[name] = decoded[name] = weight
-            continue
+    save_file(quantized, out / SINGLE_FILE, metadata={"format": "pt"})
+    save_file(decoded, reference / SINGLE_FILE, metadata={"format": "pt"})
+    raw = json.loads((folder / "config.json").read_text())
+    raw["quantization_config"] = quantization_config
+    (out / "config.json").write_text(json.dumps(raw))
+    return out, reference
+
+
+def _to_fp8(folder, out, scale_dtype=torch.float32):
+    """The way Qwen's -FP8 checkpoints are stored: float8_e4m3fn blocks of 128 x 128 with a multiplier each."""
+
+    def encode(name, weight):
         rows, cols = weight.shape
         grid = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
         padded = torch.zeros(grid[0] * FP8_BLOCK, grid[1] * FP8_BLOCK)
@@ -230,19 +242,18 @@ def _to_fp8(folder, out, scale_dtype=torch.float32):
         scale = (blocks.abs().amax(dim=(1, 3)) / 448).clamp_min(1e-12).to(scale_dtype)
         expanded = scale.float()[:, None, :, None].expand_as(blocks)
         fp8 = (blocks / expanded).to(torch.float8_e4m3fn)
-        quantized[name] = fp8.reshape(padded.shape)[:rows, :cols].contiguous()
-        quantized[name + "_scale_inv"] = scale
-        decoded[name] = (
-            (fp8.float() * expanded).reshape(padded.shape)[:rows, :cols].to(weight.dtype).contiguous()
-        )
-    save_file(quantized, out / SINGLE_FILE, metadata={"format": "pt"})
-    save_file(decoded, reference / SINGLE_FILE, metadata={"format": "pt"})
-    raw = json.loads((folder / "config.json").read_text())
-    raw["quantization_config"] = {
-        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128],
-    }  # fmt: skip
-    (out / "config.json").write_text(json.dumps(raw))
-    return out, reference
+        stored = {name: fp8.reshape(padded.shape)[:rows, :cols].contiguous(), name + "_scale_inv": scale}
+        return stored, (fp8.float() * expanded).reshape(padded.shape)[:rows, :cols].to(
+            weight.dtype
+        ).contiguous()
+
+    config = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    }
+    return _requantized(folder, out, encode, config)
 
 
 @pytest.mark.parametrize(("moe", "scale_dtype"), [(False, torch.float32), (True, torch.bfloat16)])
@@ -340,17 +351,9 @@ def _pack_awq(values: torch.Tensor) -> torch.Tensor:
 
 
 def _to_awq(folder, out):
-    """Every linear weight as 4-bit AWQ GEMM tensors (asymmetric, a scale and zero per group of input rows),
-    and the float checkpoint they decode to beside it."""
-    shutil.copytree(folder, out)
-    reference = out.parent / (out.name + "-dequantized")
-    shutil.copytree(folder, reference)
-    tensors = load_file(folder / SINGLE_FILE)
-    quantized, decoded = {}, {}
-    for name, weight in tensors.items():
-        if not (name.endswith("proj.weight") and weight.dim() == 2):
-            quantized[name] = decoded[name] = weight
-            continue
+    """4-bit AWQ GEMM tensors: asymmetric, a scale and zero per group of input rows."""
+
+    def encode(name, weight):
         w = weight.float().T  # [in, out]
         groups = w.view(w.shape[0] // AWQ_GROUP, AWQ_GROUP, w.shape[1])
         low, high = groups.amin(dim=1), groups.amax(dim=1)
@@ -358,26 +361,23 @@ def _to_awq(folder, out):
         zero = (-low / scale).round().clamp(0, 15)
         q = (groups / scale[:, None] + zero[:, None]).round().clamp(0, 15).view_as(w).to(torch.int32)
         prefix = name.removesuffix(".weight")
-        quantized[prefix + ".qweight"] = _pack_awq(q)
-        quantized[prefix + ".qzeros"] = _pack_awq(zero.to(torch.int32))
-        quantized[prefix + ".scales"] = scale.half()
-        full_zero, full_scale = (
-            zero.repeat_interleave(AWQ_GROUP, 0),
-            scale.half().float().repeat_interleave(AWQ_GROUP, 0),
-        )
-        decoded[name] = ((q.float() - full_zero) * full_scale).T.contiguous().to(weight.dtype)
-    save_file(quantized, out / SINGLE_FILE, metadata={"format": "pt"})
-    save_file(decoded, reference / SINGLE_FILE, metadata={"format": "pt"})
-    raw = json.loads((folder / "config.json").read_text())
-    raw["quantization_config"] = {
+        stored = {
+            prefix + ".qweight": _pack_awq(q),
+            prefix + ".qzeros": _pack_awq(zero.to(torch.int32)),
+            prefix + ".scales": scale.half(),
+        }
+        full_zero = zero.repeat_interleave(AWQ_GROUP, 0)
+        full_scale = scale.half().float().repeat_interleave(AWQ_GROUP, 0)
+        return stored, ((q.float() - full_zero) * full_scale).T.contiguous().to(weight.dtype)
+
+    config = {
         "quant_method": "awq",
         "bits": 4,
         "group_size": AWQ_GROUP,
         "version": "gemm",
         "zero_point": True,
     }
-    (out / "config.json").write_text(json.dumps(raw))
-    return out, reference
+    return _requantized(folder, out, encode, config)
 
 
 @pytest.mark.parametrize("moe", [False, True])

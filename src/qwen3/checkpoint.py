@@ -183,7 +183,7 @@ def fill_parameters(model: Qwen3ForCausalLM, files: list[Path], progress: bool =
 
 
 def _dequantize_fp8(
-    config: Qwen3Config, path: Path, name: str, weight: torch.Tensor, scales: dict[str, Path]
+    config: Qwen3Config, path: Path, name: str, weight: torch.Tensor, companions: dict[str, Path]
 ) -> torch.Tensor:
     """One FP8 block-quantized weight as float32, its scale checked against config.json's block size."""
     block = config.fp8_block
@@ -192,12 +192,12 @@ def _dequantize_fp8(
             f"{path}: tensor {name!r} is float8, but config.json has no fp8 quantization_config"
         )
     scale_name = name + "_scale_inv"
-    scale = _companion(scales, scale_name, name, path)
+    scale = _companion(companions, scale_name, name, path)
     rows, cols = weight.shape
     expected = (-(-rows // block[0]), -(-cols // block[1]))
     if tuple(scale.shape) != expected or scale.dtype not in _FLOAT_DTYPES:
         raise CheckpointError(
-            f"{scales[scale_name]}: tensor {scale_name!r} has shape {tuple(scale.shape)} and dtype {scale.dtype}, "
+            f"{companions[scale_name]}: tensor {scale_name!r} has shape {tuple(scale.shape)} and dtype {scale.dtype}, "
             f"expected a float {expected} for blocks of {block[0]}x{block[1]}"
         )
     grid = scale.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
