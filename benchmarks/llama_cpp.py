@@ -48,6 +48,8 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "qwen3" / "llama.cpp"
 BENCH = "llama-bench"
 BATCHED_BENCH = "llama-batched-bench"
+QUANTIZE = "llama-quantize"  # makes K-quant GGUF files from a bf16 one (random-weight benchmark models)
+BINARIES = (BENCH, BATCHED_BENCH, QUANTIZE)
 
 #: Release + native CPU code, and nothing that needs the network or a library we do not ship: curl and
 #: OpenSSL are only for downloading models, and static linking lets the two binaries be copied out of
@@ -157,7 +159,7 @@ def _cached_bench(cache_dir: Path, version: str) -> Path | None:
             "cached llama.cpp is from llama-cpp-python %s, want %s", info.get("llama_cpp_python"), version
         )
         return None
-    binaries = [bin_dir / BENCH, bin_dir / BATCHED_BENCH]
+    binaries = [bin_dir / name for name in BINARIES]
     if all(b.is_file() and os.access(b, os.X_OK) for b in binaries):
         return binaries[0]
     return None
@@ -237,11 +239,11 @@ def build_benches(
     version: str = LLAMA_CPP_PYTHON_VERSION,
     jobs: int = 2,
 ) -> Path:
-    """Configure and build only ``llama-bench`` and ``llama-batched-bench``; return ``cache_dir/bin/llama-bench``.
+    """Configure and build only ``llama-bench``, ``llama-batched-bench`` and ``llama-quantize``; return ``cache_dir/bin/llama-bench``.
 
-    Only the two targets are built (the full tree is several times larger). The build tree stays in
+    Only those targets are built (the full tree is several times larger). The build tree stays in
     ``cache_dir/build/<version>`` so an interrupted build resumes; the binaries are copied to
-    ``cache_dir/bin`` with a ``build-info.json`` only once both exist, so a half build is never "found".
+    ``cache_dir/bin`` with a ``build-info.json`` only once all exist, so a half build is never "found".
     """
     if shutil.which("cmake") is None:
         raise LlamaCppUnavailable("cmake is not installed (apt-get install cmake g++)")
@@ -266,8 +268,7 @@ def build_benches(
             "Release",
             f"-j{jobs}",
             "--target",
-            BENCH,
-            BATCHED_BENCH,
+            *BINARIES,
         ],
         what="cmake build",
         log_path=log_path,
@@ -277,7 +278,7 @@ def build_benches(
     bin_dir = cache_dir / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
     (bin_dir / "build-info.json").unlink(missing_ok=True)
-    for name in (BENCH, BATCHED_BENCH):
+    for name in BINARIES:
         built = build_dir / "bin" / name
         if not built.is_file():
             raise LlamaCppUnavailable(f"the build finished without {built}; see {log_path}")

@@ -458,23 +458,57 @@ def load_gguf_model(
     progress: bool = True,
 ) -> Qwen3ForCausalLM:
     """A Qwen3 or Qwen3-MoE model from a GGUF file (or one already opened), every tensor checked against
-    the config. ``dtype`` None: float32 for a float32 file, else bfloat16."""
+    the config.
+
+    ``dtype`` None on a CPU with qwen3's kernels: quantized matrices stay quantized (repacked for
+    ``csrc/quant.cpp``, see :mod:`qwen3.quantized`) and everything else is bfloat16 (float32 for an
+    all-float32 file). An explicit ``dtype`` (or no kernels, or another device) dequantizes every tensor
+    into it, as ``gguf.quants.dequantize`` does.
+    """
+    from qwen3 import kernels, quantized
+
     checkpoint = source if isinstance(source, GGUFCheckpoint) else GGUFCheckpoint(resolve_gguf(source))
     config = checkpoint.config()
     kinds = {t.type.name for t in checkpoint.tensors if len(t.shape) > 1}
     target_dtype = parse_dtype(dtype) or (torch.float32 if kinds <= {"F32"} else torch.bfloat16)
-    check_weights_fit(config.num_parameters(), target_dtype, device, checkpoint.path)
+    keep_quantized = (
+        dtype is None
+        and torch.device(device).type == "cpu"
+        and bool(kinds & set(quantized.FORMATS))
+        and kernels.kernels_available()
+    )
+    if keep_quantized:  # about the file's size: what stays quantized, and the rest in bf16
+        check_weights_fit(
+            sum(t.data.nbytes for t in checkpoint.tensors) // 2, torch.bfloat16, device, checkpoint.path
+        )
+    else:
+        check_weights_fit(config.num_parameters(), target_dtype, device, checkpoint.path)
     with torch.device("meta"):
         model = model_class(config)(config)
-    model = model.to_empty(device=device).to(target_dtype)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    layout = checkpoint_layout(model)
+    done: set[str] = set()
+    if keep_quantized:
+        by_name = {t.name: t for t in checkpoint.tensors}
+        meta_layout = checkpoint_layout(model)
+
+        def check(tensor: GGUFTensor) -> None:
+            target = _target(meta_layout, model, tensor.name)
+            if target is not None:
+                _check_shape(checkpoint.path, tensor.name, tensor.shape, tuple(target[0][target[1]].shape))
+
+        done = quantized.install(model, by_name, target_dtype, check)
+        logger.info("%d of %d GGUF tensors kept quantized", len(done), len(by_name))
+    quantized.materialize(model, target_dtype, device)
+    layout = checkpoint_layout(model)  # (stand-ins where the weights are quantized)
     expected = {name for name in layout}
     seen: set[str] = set()
     tensors = checkpoint.tensors
     for tensor in tqdm(tensors, desc="Loading GGUF", unit="tensor", disable=not progress, leave=False):
         name = tensor.name
+        if name in done:
+            seen.update(_covered(name, config))
+            continue
         target = _target(layout, model, name)
         if target is None:
             raise CheckpointError(f"{checkpoint.path}: unexpected tensor {name!r} (not part of this model)")
@@ -491,11 +525,7 @@ def load_gguf_model(
             raise CheckpointError(
                 f"{checkpoint.path}: tensor {name!r} is unreadable ({type(exc).__name__}: {exc})"
             ) from None
-        if tuple(values.shape) != tuple(where.shape):
-            raise CheckpointError(
-                f"{checkpoint.path}: tensor {name!r} has shape {tuple(values.shape)}, expected {tuple(where.shape)} "
-                "from the metadata"
-            )
+        _check_shape(checkpoint.path, name, tuple(values.shape), tuple(where.shape))
         where.copy_(torch.from_numpy(np.require(values, requirements="W")))  # float32 data is a read-only map
         seen.update(_covered(name, config))
     missing = sorted(n for n in expected if n not in seen)
@@ -505,6 +535,13 @@ def load_gguf_model(
             f"{checkpoint.path}: missing tensor(s) {missing[:5]}{more} (Hugging Face names)"
         )
     return model.eval()
+
+
+def _check_shape(path: Path, name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if tuple(shape) != tuple(expected):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has shape {tuple(shape)}, expected {expected} from the metadata"
+        )
 
 
 def _covered(name: str, config: Qwen3Config) -> list[str]:

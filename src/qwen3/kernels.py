@@ -42,7 +42,11 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DISABLE_ENV",
     "PackedWeight",
+    "QuantWeight",
+    "concat_quant_rows",
     "cpu_kernel_isa",
+    "gate_up_silu",
+    "interleave_gate_up",
     "kernel_isa",
     "kernels_available",
     "linear",
@@ -52,6 +56,8 @@ __all__ = [
     "packed_linear",
     "paged_attention",
     "qk_norm_rope",
+    "quant_linear",
+    "quant_moe",
     "rms_norm",
 ]
 
@@ -66,11 +72,12 @@ K_ALIGN = 32
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float32)  # activations, and packed weights
 
-# One library: linear layers (gemv.cpp), attention over the paged KV cache (attention.cpp), and the
-# fused RMSNorm and q/k-norm + RoPE (norm_rope.cpp).
-_SOURCES = tuple(
-    Path(__file__).parent / "csrc" / name for name in ("gemv.cpp", "attention.cpp", "norm_rope.cpp")
-)
+# One library: linear layers (gemv.cpp), quantized linear layers and MoE experts (quant.cpp), attention
+# over the paged KV cache (attention.cpp), and the fused RMSNorm and q/k-norm + RoPE (norm_rope.cpp);
+# common.h holds what they share (hashed into the build's cache key, not compiled on its own).
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = tuple(_CSRC / name for name in ("gemv.cpp", "quant.cpp", "attention.cpp", "norm_rope.cpp"))
+_HEADERS = (_CSRC / "common.h",)
 _LIBRARY = "qwen3_kernels"
 
 # Compiler flags for each instruction set the C++ source has a path for, best first, with the
@@ -114,7 +121,7 @@ def cpu_kernel_isa() -> str | None:
 
 def _build_dir(isa: str, cflags: list[str]) -> Path:
     h = hashlib.sha256()
-    for source in _SOURCES:
+    for source in (*_SOURCES, *_HEADERS):
         h.update(source.read_bytes())
     for part in (torch.__version__, sys.version, isa, *cflags):
         h.update(b"\0" + part.encode())
@@ -401,9 +408,129 @@ def packed_gate_up_silu(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
     return _like(y, x, packed.out_features)
 
 
+def gate_up_silu(
+    x: torch.Tensor, packed: PackedWeight | QuantWeight | tuple[QuantWeight, QuantWeight]
+) -> torch.Tensor:
+    """``silu(x @ Wg.T) * (x @ Wu.T)`` on whichever kernel holds the pair: bf16 packed, quantized and
+    fused, or quantized in two formats (``(gate, up)``)."""
+    if isinstance(packed, QuantWeight):
+        return quant_gate_up_silu(x, packed)
+    if isinstance(packed, tuple):
+        gate, up = packed
+        return F.silu(quant_linear(x, gate)) * quant_linear(x, up)
+    return packed_gate_up_silu(x, packed)
+
+
 def _like(y: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
     """The kernel's [M, N] result with x's leading dimensions and dtype (a view, no copy, for bf16 x)."""
     return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*x.shape[:-1], n)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantWeight:
+    """A linear weight (or a stack of MoE experts' weights) held quantized, for ``csrc/quant.cpp``.
+
+    ``parts`` are the kernel's arrays (see quant.cpp): codes uint8 ``[E, G, K * bits]`` for ``G`` groups of
+    8 output rows, fp16 scales ``d`` (and mins ``m``) int16 ``[E, G, K / super, 8]``, int8 sub-block
+    factors ``sc`` (and ``mc``) ``[E, G, K / block, 8]`` or None. ``fmt`` is ``(bits, block, super)``.
+    ``gate_up``: groups alternate a gate and an up projection's 8 rows (``out_features`` rows each), for
+    the fused SiLU. ``source`` names the format the blocks came from (a GGUF type).
+    """
+
+    out_features: int
+    in_features: int
+    fmt: tuple[int, int, int]
+    parts: tuple[torch.Tensor | None, ...]
+    gate_up: bool = False
+    source: str = ""
+
+    @property
+    def experts(self) -> int:
+        return int(self.parts[0].shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts if t is not None)
+
+    def expert(self, index: int) -> QuantWeight:
+        """Expert ``index`` of a stack, as a weight of its own (views, no copy)."""
+        parts = tuple(None if t is None else t[index : index + 1] for t in self.parts)
+        return QuantWeight(self.out_features, self.in_features, self.fmt, parts, self.gate_up, self.source)
+
+    def rows(self, start: int, stop: int) -> QuantWeight:
+        """Output rows ``start:stop`` (multiples of 8) of an unfused weight (views, no copy)."""
+        if start % 8 or (stop % 8 and stop != self.out_features) or self.gate_up:
+            raise ValueError("rows of a quantized weight are taken in groups of 8")
+        groups = slice(start // 8, -(-stop // 8))
+        parts = tuple(None if t is None else t[:, groups] for t in self.parts)
+        return QuantWeight(stop - start, self.in_features, self.fmt, parts, False, self.source)
+
+
+def concat_quant_rows(weights: list[QuantWeight]) -> QuantWeight:
+    """One weight whose output rows are those of ``weights`` in turn (one format, each a multiple of 8 rows)."""
+    first = weights[0]
+    if any(w.fmt != first.fmt or w.in_features != first.in_features or w.gate_up for w in weights) or any(
+        w.out_features % 8 for w in weights[:-1]
+    ):
+        raise ValueError("quantized weights concatenate only in one format, in groups of 8 rows")
+    parts = tuple(
+        None if first.parts[i] is None else torch.cat([w.parts[i] for w in weights], dim=1)
+        for i in range(len(first.parts))
+    )
+    out = sum(w.out_features for w in weights)
+    return QuantWeight(
+        out, first.in_features, first.fmt, parts, False, "+".join(sorted({w.source for w in weights}))
+    )
+
+
+def interleave_gate_up(gate: QuantWeight, up: QuantWeight) -> QuantWeight:
+    """Gate and up weights (one format and shape) as one whose groups alternate gate, up: ``quant_gate_up_silu``."""
+    if gate.fmt != up.fmt or gate.out_features != up.out_features or gate.in_features != up.in_features:
+        raise ValueError("gate and up must have one format and shape to be fused")
+    parts = tuple(
+        None if g is None else torch.stack([g, u], dim=2).flatten(1, 2)
+        for g, u in zip(gate.parts, up.parts, strict=True)
+    )
+    return QuantWeight(gate.out_features, gate.in_features, gate.fmt, parts, True, gate.source)
+
+
+def quant_linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for x ``[..., K]`` (bf16 or float32; result in x's dtype), W quantized. Kernels loaded."""
+    if weight.gate_up:
+        raise ValueError("this QuantWeight is a gate/up pair; use quant_gate_up_silu")
+    y = torch.ops.qwen3_kernels.quant_linear.default(
+        _as_rows(x, weight.in_features),
+        list(weight.parts),
+        list(weight.fmt),
+        weight.out_features,
+        bias,
+        False,
+    )
+    return _like(y, x, weight.out_features)
+
+
+def quant_gate_up_silu(x: torch.Tensor, weight: QuantWeight) -> torch.Tensor:
+    """``silu(x @ Wg.T) * (x @ Wu.T)`` for an ``interleave_gate_up`` weight, in one pass over it."""
+    if not weight.gate_up:
+        raise ValueError("quant_gate_up_silu needs a QuantWeight from interleave_gate_up")
+    y = torch.ops.qwen3_kernels.quant_linear.default(
+        _as_rows(x, weight.in_features), list(weight.parts), list(weight.fmt), weight.out_features, None, True
+    )
+    return _like(y, x, weight.out_features)
+
+
+def quant_moe(
+    x: torch.Tensor, gate_up: QuantWeight, down: QuantWeight, expert_ids: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """A MoE layer's experts, read in place: ``sum_j weights[:, j] * expert_{ids[:, j]}(x)`` for x ``[T, H]``.
+
+    ``gate_up`` is the stacked experts' ``interleave_gate_up`` weight, ``down`` their down projections.
+    """
+    y = torch.ops.qwen3_kernels.quant_moe.default(
+        _as_rows(x, gate_up.in_features), list(gate_up.parts), list(gate_up.fmt), list(down.parts),
+        list(down.fmt), expert_ids.long(), weights,
+    )  # fmt: skip
+    return _like(y, x, down.out_features)
 
 
 def paged_attention(
@@ -466,12 +593,27 @@ def read_bandwidth_probe(buf: torch.Tensor) -> float:
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    packed: PackedWeight | QuantWeight | tuple[QuantWeight, ...] | None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through the packed kernel when there is one (any number of rows).
 
+    A quantized weight (or a tuple of them, blocks of output rows in different formats) runs on the
+    quantized kernel; its ``weight`` is then only a placeholder.
+
     Autograd (training) always takes ``F.linear``: the kernel is not differentiable.
     """
+    if isinstance(packed, QuantWeight):
+        if x.requires_grad:
+            raise RuntimeError("quantized weights are for inference; load the model in bfloat16 to train")
+        return quant_linear(x, packed, bias)
+    if isinstance(packed, tuple):  # row blocks of one layer held in different quantized formats
+        if x.requires_grad:
+            raise RuntimeError("quantized weights are for inference; load the model in bfloat16 to train")
+        y = torch.cat([quant_linear(x, part) for part in packed], dim=-1)
+        return y if bias is None else y + bias.to(y.dtype)
     data = None if packed is None else packed.data
     if data is None or x.requires_grad:
         return _torch_linear(x, weight, bias)

@@ -27,11 +27,18 @@ class Linear(nn.Linear):
     every other dtype or device, it is exactly ``nn.Linear``.
     """
 
-    packed: kernels.PackedWeight | None = None
+    packed: kernels.PackedWeight | kernels.QuantWeight | tuple[kernels.QuantWeight, ...] | None = None
     packable = True  # False where the owner packs this weight in a fused layout of its own
 
     def pack(self) -> None:
+        if self.quantized:
+            return  # the kernels' weights came with the checkpoint
         self.packed = kernels.pack_linear_weight(self.weight.detach())
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the weight is held quantized (``weight`` is then a stand-in: see qwen3.quantized)."""
+        return isinstance(self.packed, (kernels.QuantWeight, tuple))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
@@ -229,16 +236,21 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.gate_up_proj.packable = False  # packed below, gate and up rows interleaved
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
-        self.packed_gate_up: kernels.PackedWeight | None = None
+        # packed for the bf16 kernel; or quantized: fused, or (gate, up) in two formats
+        self.packed_gate_up: (
+            kernels.PackedWeight | kernels.QuantWeight | tuple[kernels.QuantWeight, ...] | None
+        ) = None
 
     def pack(self) -> None:
         """Interleave gate and up rows for the kernel that computes silu(gate) * up in one pass."""
+        if isinstance(self.packed_gate_up, (kernels.QuantWeight, tuple)):
+            return  # quantized with the checkpoint
         gate, up = self.gate_up_proj.weight.detach().chunk(2, dim=0)
         self.packed_gate_up = kernels.pack_gate_up_weight(gate, up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_gate_up is not None and not x.requires_grad:
-            return self.down_proj(kernels.packed_gate_up_silu(x, self.packed_gate_up))
+            return self.down_proj(kernels.gate_up_silu(x, self.packed_gate_up))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -253,10 +265,13 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.packed: list[tuple[kernels.PackedWeight, kernels.PackedWeight]] | None = None
+        self.quant: tuple[kernels.QuantWeight, kernels.QuantWeight] | None = None  # (gate/up, down), stacked
         self.fixed_slots: int | None = None  # batch-invariant torch mode: gather path in batches of this size
 
     def pack(self) -> None:
         """Each expert's gate/up (interleaved, for the fused SiLU) and down weights for the CPU kernels."""
+        if self.quant is not None:
+            return  # quantized with the checkpoint
         size = self.intermediate_size
         self.packed = [
             (kernels.pack_gate_up_weight(gu[:size], gu[size:]), kernels.pack_linear_weight(down))
@@ -267,6 +282,10 @@ class Experts(nn.Module):
         """x [N, H]; expert_ids and weights [N, k]. Returns sum_k weights * expert_k(x), [N, H]."""
         n, top_k = expert_ids.shape
         flat_ids = expert_ids.reshape(-1)
+        if self.quant is not None:
+            if x.requires_grad:
+                raise RuntimeError("quantized experts are for inference; load the model in bfloat16 to train")
+            return kernels.quant_moe(x, *self.quant, expert_ids, weights)
         if self.packed is not None and not x.requires_grad:
             return self._grouped(x, flat_ids, weights, top_k, self._packed_expert)
         if self.fixed_slots is not None:

@@ -48,6 +48,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -75,6 +77,11 @@
 
 namespace {
 
+using qwen3::bf16_bits_to_float;
+using qwen3::float_to_bf16_bits;
+using qwen3::grain_for;
+using qwen3::silu_mul;
+
 // Software prefetch distance in bytes (0 = off). The L2 stream prefetcher does not cross 4 KiB pages, so
 // each page's first lines would be demand misses; one prefetch per 64-byte line, 1 KiB ahead, hides that.
 // Measured on Zen 3 (AVX2 path), Qwen3-0.6B decode shapes: 1024 ~5% faster than none.
@@ -84,20 +91,6 @@ namespace {
 constexpr int64_t kRows = 16;    // output rows per packed block
 constexpr int64_t kKAlign = 32;  // K is padded to a multiple of this
 
-inline float bf16_bits_to_float(uint16_t bits) {
-  uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-// Round to nearest even, like torch's .to(torch.bfloat16), for finite values (NaN stays NaN).
-inline uint16_t float_to_bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 // --- 16 fp32 lanes: one zmm, two ymm, or scalars (emulation) ---------------------------------------------
 
@@ -372,24 +365,6 @@ inline void store_row(const float* acc, int64_t count, const float* bias, uint16
   for (int64_t r = 0; r < count; ++r) y[r] = float_to_bf16_bits(bias ? acc[r] + bias[r] : acc[r]);
 }
 
-// g[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u, with exp computed as 2^round(t) * 2^f, t = -g*log2(e),
-// f in [-0.5, 0.5], 2^f by its degree-5 Taylor polynomial (relative error < 3e-6). Unlike std::exp this
-// loop is branch-free and the compiler vectorises it (with -fno-trapping-math).
-inline void silu_mul(float* __restrict g, const float* __restrict u, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float t = std::min(std::max(-g[i], -87.0f), 87.0f) * 1.44269504f;  // -g * log2(e)
-    // Round to nearest with the 1.5 * 2^23 trick: plain arithmetic, which vectorises where std::nearbyint
-    // (a libm call for the compiler) would not. |t| < 126, so it is exact.
-    const float r = (t + 12582912.0f) - 12582912.0f;
-    const float f = t - r;
-    const float p =
-        1.0f + f * (0.693147181f + f * (0.240226507f + f * (0.0555041087f + f * (0.00961812911f + f * 0.00133335581f))));
-    const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(r) + 127) << 23;  // 2^r
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    g[i] = g[i] / (1.0f + p * scale) * u[i];
-  }
-}
 
 struct Packed {
   bool f32;  // fp32 [groups][K_pad][G][16], else bf16 pairs [groups][K_pad/2][G][16][2]
@@ -417,11 +392,6 @@ void check_x(const at::Tensor& x, const Packed& p) {
               "qwen3 gemv: x has ", x.size(1), " features, the packed weight was made for K_pad=", p.k_pad);
 }
 
-// Grain for at::parallel_for: every thread one contiguous, equal share.
-inline int64_t grain_for(int64_t units) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  return std::max<int64_t>(1, (units + threads - 1) / threads);
-}
 
 // Runs every group through `epilogue(group, acc)` after computing acc[M][kGroup * 16].
 template <class F, class Epilogue>
