@@ -430,6 +430,33 @@ def cached_gguf(
         )
 
 
+def quantized_gguf(
+    hf_folder: Path,
+    qtype: str,
+    *,
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+    threads: int | None = None,
+) -> Path:
+    """``hf_folder`` as a GGUF of llama-quantize type ``qtype`` (``Q8_0``, ``Q4_K_M``, ...), cached.
+
+    Made as users' files are: llama.cpp's converter writes bf16 (:func:`cached_gguf`), then
+    ``llama-quantize`` (built with the benches) applies the type and its per-tensor mix (``_M``: more bits
+    for some attn_v / ffn_down and the output).
+    """
+    bf16 = cached_gguf(hf_folder, "bf16", cache_dir=cache_dir)
+    out = bf16.with_name(bf16.name.removesuffix("-bf16.gguf") + f"-{qtype}.gguf")
+    quantize = require_llama_bench(cache_dir).with_name(QUANTIZE)
+    with _cache_lock(Path(cache_dir).expanduser()):
+        if out.is_file():
+            return out
+        partial = out.with_name(out.name + ".partial")
+        cmd = [str(quantize), str(bf16), str(partial), qtype, str(threads or _default_threads())]
+        logger.info("quantizing %s to %s", bf16.name, qtype)
+        _run(cmd, what="llama-quantize", log_path=out.with_suffix(".log"))
+        partial.replace(out)
+    return out
+
+
 # --- running the benches -------------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import random
+import resource
 import shutil
 import statistics
 import time
@@ -243,7 +244,12 @@ def bench_transformers(folder: Path, args: argparse.Namespace) -> dict[str, floa
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="weights dtype (default: bfloat16; a quantized GGUF stays quantized unless this is given)",
+    )
     parser.add_argument("--decode-tokens", type=int, default=128, help="new tokens for batch-1 decode")
     parser.add_argument("--prefill-tokens", type=int, default=512, help="prompt length for prefill")
     parser.add_argument("--concurrency", type=int, default=32, help="requests at once for the batch figure")
@@ -273,28 +279,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, args.dtype or "bfloat16")
     folder = args.checkpoint or random_checkpoint(
-        CACHE / f"qwen3-0.6b-random-{args.dtype}", QWEN3_0_6B, dtype
+        CACHE / f"qwen3-0.6b-random-{args.dtype or 'bfloat16'}", QWEN3_0_6B, dtype
     )
     from qwen3 import kernels
     from qwen3.checkpoint import load_config
     from qwen3.gguf_checkpoint import GGUFCheckpoint, is_gguf
+    from qwen3.quantized import FORMATS
 
-    if is_gguf(folder):  # qwen3 reads what it dequantized the file's blocks to
-        config = GGUFCheckpoint(folder).config()
+    weight_bytes = None
+    weights = str(dtype).removeprefix("torch.")
+    if is_gguf(folder):
+        gguf = GGUFCheckpoint(folder)
+        config = gguf.config()
         file_bytes = folder.stat().st_size
+        quantized = sorted({t.type.name for t in gguf.tensors} & set(FORMATS))
+        if quantized and args.dtype is None:  # run quantized: the blocks are what is read
+            weight_bytes = gguf.decode_bytes()
+            weights = "quantized " + "+".join(quantized)
     else:
         config = load_config(folder)
         file_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    weight_bytes = config.decode_parameters() * dtype.itemsize  # a MoE step reads its active experts only
+    if weight_bytes is None:
+        weight_bytes = config.decode_parameters() * dtype.itemsize  # a MoE step reads its active experts only
 
     report: dict[str, Any] = {
         "checkpoint": str(folder),
         "cpu": _cpu_model(),
         "kernel_isa": kernels.kernel_isa(),
         "threads": torch.get_num_threads(),
-        "dtype": args.dtype,
+        "dtype": weights,
         "torch": torch.__version__,
     }
     report["read_bandwidth_GBs"] = read_bandwidth() / 1e9
@@ -302,14 +317,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["file_GB"] = file_bytes / 1e9
     peers = [p for p in args.peers.split(",") if p and p != "none"]
     report["qwen3"] = bench_qwen3(folder, args)
+    report["qwen3_peak_rss_GB"] = _peak_rss(resource.RUSAGE_SELF)  # before any peer runs in this process
     if "transformers" in peers:
         report["transformers"] = bench_transformers(folder, args)
     if "llama.cpp" in peers:
         report["llama.cpp"] = bench_llama_cpp(folder, args)
+        if report["llama.cpp"]:  # its benches are children of this process (so are converters, if any ran)
+            report["llama_cpp_peak_rss_GB"] = _peak_rss(resource.RUSAGE_CHILDREN)
     roofline = report["read_bandwidth_GBs"] / report["weight_GB"]
     report["roofline_decode_tok_s"] = roofline
     report["qwen3_decode_fraction_of_roofline"] = report["qwen3"]["decode_tok_s"] / roofline
     return report
+
+
+def _peak_rss(who: int) -> float:
+    """Peak resident memory in GB of this process or (the largest of) its finished children."""
+    return resource.getrusage(who).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 
 def _cpu_model() -> str:
@@ -357,4 +380,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"roofline {report['roofline_decode_tok_s']:.1f} tok/s; qwen3 batch-1 decode at "
         f"{100 * report['qwen3_decode_fraction_of_roofline']:.0f}% of it"
     )
+    if "qwen3_peak_rss_GB" in report:
+        line = f"peak RSS: qwen3 {report['qwen3_peak_rss_GB']:.2f} GB"
+        if "llama_cpp_peak_rss_GB" in report:
+            line += f", llama.cpp {report['llama_cpp_peak_rss_GB']:.2f} GB"
+        lines.append(line + f" (file {report['file_GB']:.2f} GB)")
     return "\n".join(lines)

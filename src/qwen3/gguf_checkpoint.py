@@ -359,6 +359,21 @@ class GGUFCheckpoint:
         except ConfigError as exc:
             raise CheckpointError(f"{self.path}: {exc}") from None
 
+    def decode_bytes(self) -> int:
+        """Bytes of weights one batch-1 decode step reads from this file as stored: every matrix, the routed
+        share of each MoE expert stack, the embedding only where it doubles as the output (the roofline's
+        numerator for a quantized file)."""
+        config = self.config()
+        total = 0.0
+        for t in self.tensors:
+            size = t.data.nbytes
+            if t.name == "token_embd.weight" and not config.tie_word_embeddings:
+                size = 0  # one row per token
+            elif t.name.endswith("_exps.weight"):
+                size = size * config.num_experts_per_tok / config.num_experts
+            total += size
+        return int(total)
+
     def generation_config(self) -> dict[str, Any]:
         """What a checkpoint folder's generation_config.json would say: the end-of-generation ids (the eos
         token and ``<|endoftext|>``, on which llama.cpp also stops) and the sampling defaults every official
@@ -627,6 +642,36 @@ def save_gguf(
             "llama.cpp assumes norm_topk_prob for qwen3moe; this model (False) would run differently"
         )
     matrix_type, embedding_type = (gguf.GGMLQuantizationType[t] for t in QUANT_TYPES[quant])
+    path = Path(path)
+    writer = gguf_writer(config, tokenizer, path, _FILE_TYPES[matrix_type.name])
+    tensors = list(_gguf_tensors(model))
+    for name, tensor, is_matrix in tqdm(
+        tensors, desc=f"Writing {quant}", unit="tensor", disable=not progress, leave=False
+    ):
+        qtype = gguf.GGMLQuantizationType.F32
+        if is_matrix:
+            qtype = embedding_type if name in ("token_embd.weight", "output.weight") else matrix_type
+            if tensor.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+                qtype = gguf.GGMLQuantizationType.F16
+        data = tensor.contiguous().numpy()
+        if qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, data)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(name, data.astype(np.float16))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)  # shape from bytes
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()
+    return path
+
+
+def gguf_writer(config: Qwen3Config, tokenizer: Any, path: str | os.PathLike, file_type: int) -> Any:
+    """A ``gguf.GGUFWriter`` for ``path`` with llama.cpp's metadata for ``config`` and ``tokenizer`` (no tensors
+    yet); ``file_type`` is llama.cpp's ``general.file_type`` (its LLAMA_FTYPE number)."""
+    import gguf
+
     arch = "qwen3moe" if config.is_moe else "qwen3"
     path = Path(path)
     writer = gguf.GGUFWriter(path, arch)
@@ -653,30 +698,10 @@ def save_gguf(
         writer.add_rope_scaling_factor(scaling["factor"])
         if scaling.get("original_max_position_embeddings"):
             writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
-    writer.add_file_type(_FILE_TYPES[matrix_type.name])
+    writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, tokenizer, config)
-    tensors = list(_gguf_tensors(model))
-    for name, tensor, is_matrix in tqdm(
-        tensors, desc=f"Writing {quant}", unit="tensor", disable=not progress, leave=False
-    ):
-        qtype = gguf.GGMLQuantizationType.F32
-        if is_matrix:
-            qtype = embedding_type if name in ("token_embd.weight", "output.weight") else matrix_type
-            if tensor.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-                qtype = gguf.GGMLQuantizationType.F16
-        data = tensor.contiguous().numpy()
-        if qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(name, data)
-        elif qtype == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(name, data.astype(np.float16))
-        else:
-            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)  # shape from bytes
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=False)
-    writer.close()
-    return path
+    return writer
 
 
 def _add_tokenizer(writer: Any, tokenizer: Any, config: Qwen3Config) -> None:

@@ -444,6 +444,10 @@ class QuantWeight:
     gate_up: bool = False
     source: str = ""
 
+    def __post_init__(self) -> None:
+        # the op's list arguments, made once: building them per call costs more than a small product
+        object.__setattr__(self, "_args", (list(self.parts), list(self.fmt), self.out_features))
+
     @property
     def experts(self) -> int:
         return int(self.parts[0].shape[0])
@@ -513,10 +517,11 @@ def quant_gate_up_silu(x: torch.Tensor, weight: QuantWeight) -> torch.Tensor:
     """``silu(x @ Wg.T) * (x @ Wu.T)`` for an ``interleave_gate_up`` weight, in one pass over it."""
     if not weight.gate_up:
         raise ValueError("quant_gate_up_silu needs a QuantWeight from interleave_gate_up")
+    parts, fmt, n = weight._args
     y = torch.ops.qwen3_kernels.quant_linear.default(
-        _as_rows(x, weight.in_features), list(weight.parts), list(weight.fmt), weight.out_features, None, True
+        _as_rows(x, weight.in_features), parts, fmt, n, None, True
     )
-    return _like(y, x, weight.out_features)
+    return _like(y, x, n)
 
 
 def quant_moe(
@@ -526,10 +531,10 @@ def quant_moe(
 
     ``gate_up`` is the stacked experts' ``interleave_gate_up`` weight, ``down`` their down projections.
     """
+    (gu_parts, gu_fmt, _), (down_parts, down_fmt, _) = gate_up._args, down._args
     y = torch.ops.qwen3_kernels.quant_moe.default(
-        _as_rows(x, gate_up.in_features), list(gate_up.parts), list(gate_up.fmt), list(down.parts),
-        list(down.fmt), expert_ids.long(), weights,
-    )  # fmt: skip
+        _as_rows(x, gate_up.in_features), gu_parts, gu_fmt, down_parts, down_fmt, expert_ids.long(), weights
+    )
     return _like(y, x, down.out_features)
 
 

@@ -3,8 +3,9 @@
 // Why integer dot products: at batch 1 a layer reads each weight once, so 4-bit weights decode about 3.5x
 // faster than bf16 only if the arithmetic per weight costs less than the read. Expanding each weight to a
 // float costs three instructions per 8 weights; multiplying 8-bit integers costs two per 32. So, as
-// llama.cpp does, the activations are quantized too, per row and per 32 values, to int8 with one fp32
-// scale (dx = max|x| / 127), and each block of the product is an integer dot product scaled once:
+// llama.cpp does, the activations are quantized too, per row and per 32 values (per 256 for the K types,
+// as llama.cpp's Q8_K), to int8 with one fp32 scale (dx = max|x| / 127), and each block of the product is
+// an integer dot product scaled once:
 //
 //     sum_k w[n,k] x[m,k] = sum_blocks  scale[n,b] dx[m,b] sum_k q[n,k] c[m,k]  +  min[n,b] dx[m,b] sum_k c[m,k]
 //
@@ -25,7 +26,8 @@
 //     Q2_K   4-bit (q)        16   d * sc[j]        dmin * (-m[j])
 //
 // d, dmin and m are fp16 per super-block (256 values of k for the K types, one block for the others), sc
-// and m[j] int8 per block; the products are formed in fp32 as gguf's dequantization forms them.
+// and m[j] int8 per block. For the K types the block's int8 factor sc[j] multiplies its integer dot product
+// inside the widening vpmaddwd, the super-block's sum stays int32 and d * dx is applied once per 256.
 //
 // Layout, per group of 8 output rows (one 256-bit register of int32 / fp32 lanes, one lane per row):
 //     codes  8-bit: [K/4][8 rows][4]  the 4 codes of k = 4s..4s+3 of each row: one 32-byte load per step
@@ -67,6 +69,11 @@ using qwen3::silu_mul;
 
 constexpr int64_t kLanes = 8;  // output rows per group
 constexpr int kMaxMT = 4;      // activation rows per tile: 4 int32 + 4 fp32 accumulators
+// Software prefetch distance (bytes) of the codes stream, one prefetch per 64-byte line: the L2 streamer
+// stops at 4 KiB pages and keeps too few lines in flight for DRAM at batch 1.
+#ifndef QWEN3_QUANT_PREFETCH
+#define QWEN3_QUANT_PREFETCH 2048
+#endif
 
 // --- the weights -----------------------------------------------------------------------------------------
 
@@ -145,47 +152,55 @@ QMatrix check_matrix(const Parts& list, std::array<int64_t, 3> fmt, int64_t k, c
 
 // --- the activations -------------------------------------------------------------------------------------
 
-// Rows of x quantized per 32 values: codes, scale dx per 32, and dx * (sum of codes) per 16 and per 32
-// (the min term's factor).
+// Rows of x quantized per `block` values (32 for the one-scale types, 256 for the K types, whose sub-block
+// factors are then applied in the integer domain, as llama.cpp's Q8_K does): codes, scale dx per block, and
+// dx * (sum of codes) per 16 and per 32 values (the min term's factor).
 struct QActs {
   std::vector<int8_t> codes;
   std::vector<float> dx, sum16, sum32;
-  int64_t k = 0;
+  int64_t k = 0, block = 32;
 };
 
-void quantize_row(const float* x, int64_t k, int8_t* q, float* dx, float* sum16, float* sum32) {
-  for (int64_t b = 0; b < k / 32; ++b) {
-    const float* xb = x + b * 32;
+void quantize_row(const float* x, int64_t k, int64_t block, int8_t* q, float* dx, float* sum16, float* sum32) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t b = 0; b < k / block; ++b) {
+    const float* xb = x + b * block;
     __m256 amax = _mm256_setzero_ps();
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    for (int i = 0; i < 32; i += 8) amax = _mm256_max_ps(amax, _mm256_and_ps(_mm256_loadu_ps(xb + i), abs_mask));
+    for (int64_t i = 0; i < block; i += 8) amax = _mm256_max_ps(amax, _mm256_and_ps(_mm256_loadu_ps(xb + i), abs_mask));
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, amax);
     float a = 0.f;
     for (float l : lanes) a = std::max(a, l);
     const float d = a / 127.f, id = a > 0.f ? 127.f / a : 0.f;
-    int s[2] = {0, 0};
-    for (int i = 0; i < 32; ++i) {
-      const int c = static_cast<int>(std::nearbyint(xb[i] * id));
-      q[b * 32 + i] = static_cast<int8_t>(std::min(127, std::max(-127, c)));
-      s[i / 16] += q[b * 32 + i];
-    }
     dx[b] = d;
-    sum16[2 * b] = d * static_cast<float>(s[0]);
-    sum16[2 * b + 1] = d * static_cast<float>(s[1]);
-    sum32[b] = d * static_cast<float>(s[0] + s[1]);
+    for (int64_t j = 0; j < block / 16; ++j) {
+      int s = 0;
+      for (int64_t i = j * 16; i < j * 16 + 16; ++i) {
+        const int c = static_cast<int>(std::nearbyint(xb[i] * id));
+        q[b * block + i] = static_cast<int8_t>(std::min(127, std::max(-127, c)));
+        s += q[b * block + i];
+      }
+      sum16[(b * block) / 16 + j] = d * static_cast<float>(s);
+    }
+  }
+  for (int64_t j = 0; j < k / 32; ++j) {  // sum of the two 16s: the same dx (a block holds both)
+    const float d = dx[(j * 32) / block];
+    int s = 0;
+    for (int64_t i = j * 32; i < j * 32 + 32; ++i) s += q[i];
+    sum32[j] = d * static_cast<float>(s);
   }
 }
 
 // Quantizes every row of x [M, K] (bf16 or fp32, any strides), rows in parallel.
-QActs quantize_acts(const at::Tensor& x) {
+QActs quantize_acts(const at::Tensor& x, int64_t block) {
   const int64_t m_rows = x.size(0), k = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
   QActs a;
   a.k = k;
+  a.block = block;
   a.codes.resize(static_cast<size_t>(m_rows * k));
-  a.dx.resize(static_cast<size_t>(m_rows * k / 32));
+  a.dx.resize(static_cast<size_t>(m_rows * k / block));
   a.sum16.resize(static_cast<size_t>(m_rows * k / 16));
-  a.sum32.resize(a.dx.size());
+  a.sum32.resize(static_cast<size_t>(m_rows * k / 32));
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const auto* src16 = bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
   const float* src32 = bf16 ? nullptr : x.data_ptr<float>();
@@ -194,12 +209,15 @@ QActs quantize_acts(const at::Tensor& x) {
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t i = 0; i < k; ++i)
         row[i] = bf16 ? bf16_bits_to_float(src16[r * s0 + i * s1]) : src32[r * s0 + i * s1];
-      quantize_row(row.data(), k, a.codes.data() + r * k, a.dx.data() + r * k / 32, a.sum16.data() + r * k / 16,
-                   a.sum32.data() + r * k / 32);
+      quantize_row(row.data(), k, block, a.codes.data() + r * k, a.dx.data() + r * k / block,
+                   a.sum16.data() + r * k / 16, a.sum32.data() + r * k / 32);
     }
   });
   return a;
 }
+
+// Activations are quantized per 32 values for one-scale types, per super-block for the K types.
+inline int64_t act_block(const QMatrix& w) { return w.super == w.block ? 32 : w.super; }
 
 // --- the micro-kernel: one group of 8 rows x MT activation rows --------------------------------------------
 
@@ -226,9 +244,10 @@ void qtile(const QMatrix& w, int64_t e, int64_t g, const QActs& a, const int64_t
   const int8_t* mc = MIN && SUB ? w.mc + e * w.sc_e + g * w.sc_g : nullptr;
   const int8_t* xq[MT];
   const float *xd[MT], *xs[MT];
+  const int64_t ab = a.block;  // activation scale block: 32 (one-scale types) or the super-block (K types)
   for (int m = 0; m < MT; ++m) {
     xq[m] = a.codes.data() + rows[m] * k;
-    xd[m] = a.dx.data() + rows[m] * (k / 32);
+    xd[m] = a.dx.data() + rows[m] * (k / ab);
     xs[m] = (B == 16 ? a.sum16.data() + rows[m] * (k / 16) : a.sum32.data() + rows[m] * (k / 32));
   }
   const __m256i ones = _mm256_set1_epi16(1);
@@ -236,11 +255,12 @@ void qtile(const QMatrix& w, int64_t e, int64_t g, const QActs& a, const int64_t
   __m256 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
   constexpr int64_t kStepBytes = 32, kPerStep = BITS == 8 ? 4 : 8, kSteps = B / kPerStep;
-  for (int64_t b = 0; b < blocks; ++b) {
-    __m256i iacc[MT];
-    for (int m = 0; m < MT; ++m) iacc[m] = _mm256_setzero_si256();
+  // One block of B values of k for every row: iacc[m] += the block's pair sums, times `mult` (per lane
+  // pair: 1, or the rows' int8 sub-block factors, which folds them into the widening multiply).
+  auto block_dot = [&](int64_t b, __m256i mult, __m256i* iacc) {
     const uint8_t* wb = codes + b * kSteps * kStepBytes;
-    _mm_prefetch(reinterpret_cast<const char*>(wb) + 1024, _MM_HINT_T0);
+    for (int64_t s = 0; s < kSteps; s += 2)  // two steps (64 bytes) a line
+      _mm_prefetch(reinterpret_cast<const char*>(wb + s * kStepBytes) + QWEN3_QUANT_PREFETCH, _MM_HINT_T0);
     for (int64_t s = 0; s < kSteps; ++s) {
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + s * kStepBytes));
       const int64_t k0 = b * B + s * kPerStep;
@@ -248,7 +268,7 @@ void qtile(const QMatrix& w, int64_t e, int64_t g, const QActs& a, const int64_t
         const __m256i aw = _mm256_abs_epi8(wv);
         for (int m = 0; m < MT; ++m) {
           const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4(xq[m] + k0), wv));
-          iacc[m] = _mm256_add_epi32(iacc[m], _mm256_madd_epi16(p, ones));
+          iacc[m] = _mm256_add_epi32(iacc[m], _mm256_madd_epi16(p, mult));
         }
       } else {
         const __m256i lo = _mm256_and_si256(wv, nibble);
@@ -257,21 +277,43 @@ void qtile(const QMatrix& w, int64_t e, int64_t g, const QActs& a, const int64_t
           // 15 * 127 * 2 * 2 < 2^15: the two nibbles' pair sums add in int16 without overflow
           const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xq[m] + k0)),
                                              _mm256_maddubs_epi16(hi, bcast4(xq[m] + k0 + 4)));
-          iacc[m] = _mm256_add_epi32(iacc[m], _mm256_madd_epi16(p, ones));
+          iacc[m] = _mm256_add_epi32(iacc[m], _mm256_madd_epi16(p, mult));
         }
       }
     }
-    const int64_t sb = b / per_super;
-    const __m256 scale = SUB ? _mm256_mul_ps(load_f16x8(d + sb * kLanes), load_i8x8(sc + b * kLanes))
-                             : load_f16x8(d + b * kLanes);
-    __m256 minv = _mm256_setzero_ps();
-    if constexpr (MIN)
-      minv = SUB ? _mm256_mul_ps(load_f16x8(mn + sb * kLanes), load_i8x8(mc + b * kLanes))
-                 : load_f16x8(mn + b * kLanes);
-    const int64_t xb = b * B / 32;
-    for (int m = 0; m < MT; ++m) {
-      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m]), _mm256_mul_ps(scale, _mm256_set1_ps(xd[m][xb])), acc[m]);
-      if constexpr (MIN) acc[m] = _mm256_fmadd_ps(minv, _mm256_set1_ps(xs[m][b]), acc[m]);
+  };
+  if constexpr (SUB) {
+    // K types: per super-block, sum_j sc[j] * (block j's integer dot) in int32 (bounded well below 2^31 for
+    // every K type's code and factor ranges), then one float scale d * dx; mins per block, in float.
+    for (int64_t sb = 0; sb < k / w.super; ++sb) {
+      __m256i iacc[MT];
+      for (int m = 0; m < MT; ++m) iacc[m] = _mm256_setzero_si256();
+      __m256 mn8 = _mm256_setzero_ps();
+      if constexpr (MIN) mn8 = load_f16x8(mn + sb * kLanes);
+      for (int64_t b = sb * per_super; b < (sb + 1) * per_super; ++b) {
+        const __m256i f = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + b * kLanes)));
+        block_dot(b, _mm256_blend_epi16(f, _mm256_slli_epi32(f, 16), 0xAA), iacc);  // (f, f) int16 per lane
+        if constexpr (MIN) {
+          const __m256 minv = _mm256_mul_ps(mn8, load_i8x8(mc + b * kLanes));
+          for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(minv, _mm256_set1_ps(xs[m][b]), acc[m]);
+        }
+      }
+      const __m256 d8 = load_f16x8(d + sb * kLanes);
+      for (int m = 0; m < MT; ++m)
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m]), _mm256_mul_ps(d8, _mm256_set1_ps(xd[m][sb])), acc[m]);
+    }
+  } else {
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m256i iacc[MT];
+      for (int m = 0; m < MT; ++m) iacc[m] = _mm256_setzero_si256();
+      block_dot(b, ones, iacc);
+      const __m256 scale = load_f16x8(d + b * kLanes);
+      __m256 minv = _mm256_setzero_ps();
+      if constexpr (MIN) minv = load_f16x8(mn + b * kLanes);
+      for (int m = 0; m < MT; ++m) {
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m]), _mm256_mul_ps(scale, _mm256_set1_ps(xd[m][b])), acc[m]);
+        if constexpr (MIN) acc[m] = _mm256_fmadd_ps(minv, _mm256_set1_ps(xs[m][b]), acc[m]);
+      }
     }
   }
   for (int m = 0; m < MT; ++m) _mm256_storeu_ps(out + m * kLanes, acc[m]);
@@ -344,7 +386,7 @@ at::Tensor quant_linear(const at::Tensor& x, const Parts& weight, at::IntArrayRe
   const int64_t m_rows = x.size(0);
   at::Tensor y = at::empty({m_rows, n}, x.options());
   if (m_rows == 0) return y;
-  const QActs a = quantize_acts(x);
+  const QActs a = quantize_acts(x, act_block(w));
   const Tiles tiles = select_tiles(w);
   std::vector<int64_t> rows(static_cast<size_t>(m_rows));
   for (int64_t i = 0; i < m_rows; ++i) rows[i] = i;
@@ -420,7 +462,7 @@ at::Tensor quant_moe(const at::Tensor& x, const Parts& gate_up, at::IntArrayRef 
     token_row[i] = order[i] / top_k;
     slot_row[i] = i;
   }
-  const QActs xa = quantize_acts(x);
+  const QActs xa = quantize_acts(x, act_block(gu));
   const Tiles gu_tiles = select_tiles(gu), dn_tiles = select_tiles(dn);
   // h[i] = silu(gate) * up of sorted slot i, fp32 [slots, I].
   at::Tensor h = at::empty({slots, inter}, x.options().dtype(at::kFloat));
@@ -436,7 +478,7 @@ at::Tensor quant_moe(const at::Tensor& x, const Parts& gate_up, at::IntArrayRef 
       for (int64_t i = 0; i < count; ++i) std::memcpy(hp + (first + i) * inter + p * kLanes, g.data() + i * kLanes, sizeof(float) * kLanes);
     }
   });
-  const QActs ha = quantize_acts(h);
+  const QActs ha = quantize_acts(h, act_block(dn));
   std::vector<float> o(static_cast<size_t>(slots * hidden));  // down output of sorted slot i
   const int64_t groups = dn.groups;
   at::parallel_for(0, n_used * groups, grain_for(n_used * groups), [&](int64_t t0, int64_t t1) {
