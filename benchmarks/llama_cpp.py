@@ -612,7 +612,7 @@ def bench(folder: Path, args: argparse.Namespace | None = None) -> dict[str, flo
 
     threads = _default_threads()
     outtype = TORCH_TO_OUTTYPE[get("dtype", "bfloat16")]
-    concurrency = get("concurrency", 32)
+    concurrency = getattr(args, "concurrency", 32) if args is not None else 32  # 0: no batch figure
     binary = require_llama_bench()
     batched = find_batched_bench(binary)
     if batched is None:
@@ -626,21 +626,20 @@ def bench(folder: Path, args: argparse.Namespace | None = None) -> dict[str, flo
         n_gen=get("decode_tokens", 128),
         repetitions=get("repeats", 3),
     )
-    multi = run_batched_bench(
-        batched,
-        gguf,
-        threads,
-        parallel=concurrency,
-        n_prompt=get("batch_prompt", 128),
-        n_gen=get("batch_output", 128),
-        repetitions=get("repeats", 3),
-    )
-    return {
-        "decode_tok_s": single["decode_tok_s"],
-        "prefill_tok_s": single["prefill_tok_s"],
-        f"batch{concurrency}_tok_s": multi["tok_s"],
-        f"batch{concurrency}_tg_tok_s": multi["tg_tok_s"],
-    }
+    results = {"decode_tok_s": single["decode_tok_s"], "prefill_tok_s": single["prefill_tok_s"]}
+    if concurrency:
+        multi = run_batched_bench(
+            batched,
+            gguf,
+            threads,
+            parallel=concurrency,
+            n_prompt=get("batch_prompt", 128),
+            n_gen=get("batch_output", 128),
+            repetitions=get("repeats", 3),
+        )
+        results[f"batch{concurrency}_tok_s"] = multi["tok_s"]
+        results[f"batch{concurrency}_tg_tok_s"] = multi["tg_tok_s"]
+    return results
 
 
 def _default_threads() -> int:

@@ -80,6 +80,54 @@ def random_checkpoint(folder: Path, config: dict[str, Any], dtype: torch.dtype, 
     return folder
 
 
+def real_config(name: str, layers: int | None = None) -> dict[str, Any]:
+    """A released Qwen3's config.json (``../shared/spec/qwen3_configs.json``; Qwen3-0.6B is built in), with
+    ``layers`` decoder layers if given (a cut-down model of the real shape)."""
+    if name == "Qwen3-0.6B":
+        config = dict(QWEN3_0_6B)
+    else:
+        path = SPEC / "qwen3_configs.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is not there; only Qwen3-0.6B's config is built in")
+        models = json.loads(path.read_text())["models"]
+        if name not in models:
+            raise ValueError(f"unknown model {name!r}; known: {', '.join(models)}")
+        config = dict(models[name]["config.json"])
+    if layers:
+        config["num_hidden_layers"] = layers
+        if "max_window_layers" in config:
+            config["max_window_layers"] = layers
+    return config
+
+
+def random_gguf(name: str, quant: str, layers: int | None = None) -> Path:
+    """A random-weight GGUF of model ``name`` in llama-quantize type ``quant``, made once and cached.
+
+    Models under 3B parameters go the way users' files do: a random bf16 checkpoint, llama.cpp's converter,
+    then ``llama-quantize``. Larger ones (Qwen3-30B-A3B is 61 GB in bf16) are written directly as random
+    blocks in llama-quantize's per-tensor mix (:mod:`qwen3.gguf_random`), one tensor in memory at a time.
+    """
+    from qwen3.config import Qwen3Config
+    from qwen3.gguf_random import write_random_gguf
+
+    config = real_config(name, layers)
+    tag = f"{name.lower()}{f'-{layers}l' if layers else ''}-random"
+    cfg = Qwen3Config.from_dict(config)
+    if cfg.num_parameters() < 3e9:
+        folder = random_checkpoint(CACHE / f"{tag}-bfloat16", config, torch.bfloat16)
+        return _llama_cpp_module().quantized_gguf(folder, quant)
+    path = CACHE / f"{tag}-{quant}.gguf"
+    if not path.is_file():
+        from qwen3.tokenizer import Tokenizer
+
+        folder = CACHE / f"{tag}-tokenizer"
+        folder.mkdir(parents=True, exist_ok=True)
+        _add_tokenizer(folder)
+        logger.info("writing random %s %s blocks to %s", name, quant, path)
+        write_random_gguf(cfg, Tokenizer.from_pretrained(folder), path, quant)
+    return path
+
+
 def _add_tokenizer(folder: Path) -> None:
     """The real Qwen3 vocabulary when ../shared/spec is beside the repo; else a small byte-level one.
 
@@ -162,11 +210,12 @@ def bench_qwen3(folder: Path, args: argparse.Namespace) -> dict[str, float]:
     llm.engine.blocks.enable_prefix_caching = False  # a prefill that hits the cache measures nothing
     prefill = median_time(lambda: llm.generate([long_prompt], greedy.replace(max_tokens=1)), args.repeats)
     results["prefill_tok_s"] = args.prefill_tokens / prefill
-    fixed = [
-        (list(range(2000 + i, 2000 + i + args.batch_prompt)), args.batch_output)
-        for i in range(args.concurrency)
-    ]
-    results[f"batch{args.concurrency}_tok_s"] = _throughput(llm, fixed, greedy)
+    if args.concurrency:
+        fixed = [
+            (list(range(2000 + i, 2000 + i + args.batch_prompt)), args.batch_output)
+            for i in range(args.concurrency)
+        ]
+        results[f"batch{args.concurrency}_tok_s"] = _throughput(llm, fixed, greedy)
     if args.requests:
         jobs = workload(args.requests, args.min_len, args.max_len, args.seed)
         results["throughput_tok_s"] = _throughput(llm, jobs, greedy)
@@ -216,6 +265,8 @@ def bench_transformers(folder: Path, args: argparse.Namespace) -> dict[str, floa
     long_prompt = (torch.arange(args.prefill_tokens) % 50000 + 1000)[None]
     with torch.inference_mode():
         results["prefill_tok_s"] = args.prefill_tokens / median_time(lambda: model(long_prompt), args.repeats)
+    if not args.concurrency:
+        return results
     # Static batching (what transformers offers): a batch runs until its longest request is done.
     fixed = torch.stack(
         [torch.arange(2000 + i, 2000 + i + args.batch_prompt) for i in range(args.concurrency)]
@@ -252,7 +303,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--decode-tokens", type=int, default=128, help="new tokens for batch-1 decode")
     parser.add_argument("--prefill-tokens", type=int, default=512, help="prompt length for prefill")
-    parser.add_argument("--concurrency", type=int, default=32, help="requests at once for the batch figure")
+    parser.add_argument(
+        "--concurrency", type=int, default=32, help="requests at once for the batch figure (0: skip it)"
+    )
     parser.add_argument("--batch-prompt", type=int, default=128, help="prompt length in the batch figure")
     parser.add_argument("--batch-output", type=int, default=128, help="output length in the batch figure")
     parser.add_argument(
@@ -275,14 +328,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="benchmark this checkpoint folder or GGUF file instead of a random Qwen3-0.6B (llama.cpp runs "
         "the same GGUF file)",
     )
+    parser.add_argument(
+        "--model-config",
+        default="Qwen3-0.6B",
+        help="the released Qwen3 whose config the random checkpoint has (Qwen3-8B, Qwen3-30B-A3B, ...)",
+    )
+    parser.add_argument("--layers", type=int, default=None, help="cut the random model to this many layers")
+    parser.add_argument(
+        "--quant",
+        default=None,
+        help="benchmark a random GGUF of this llama-quantize type (Q8_0, Q4_K_M, ...) instead: made with "
+        "llama.cpp's converter and llama-quantize, or written as random blocks for models over 3B",
+    )
     parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = getattr(torch, args.dtype or "bfloat16")
-    folder = args.checkpoint or random_checkpoint(
-        CACHE / f"qwen3-0.6b-random-{args.dtype or 'bfloat16'}", QWEN3_0_6B, dtype
-    )
+    folder = args.checkpoint
+    if folder is None and args.quant:
+        folder = random_gguf(args.model_config, args.quant, args.layers)
+    elif folder is None:
+        config = real_config(args.model_config, args.layers)
+        tag = f"{args.model_config.lower()}{f'-{args.layers}l' if args.layers else ''}"
+        folder = random_checkpoint(CACHE / f"{tag}-random-{args.dtype or 'bfloat16'}", config, dtype)
     from qwen3 import kernels
     from qwen3.checkpoint import load_config
     from qwen3.gguf_checkpoint import GGUFCheckpoint, is_gguf
@@ -343,18 +412,27 @@ def _cpu_model() -> str:
         return ""
 
 
+def _llama_cpp_module() -> Any:
+    """benchmarks/llama_cpp.py (beside the package in a clone): building, converting, running llama.cpp."""
+    import importlib.util
+    import sys
+
+    if "qwen3_llama_cpp_bench" in sys.modules:
+        return sys.modules["qwen3_llama_cpp_bench"]
+    spec_path = Path(__file__).resolve().parents[2] / "benchmarks" / "llama_cpp.py"
+    spec = importlib.util.spec_from_file_location("qwen3_llama_cpp_bench", spec_path)
+    if spec is None or spec.loader is None or not spec_path.is_file():
+        raise FileNotFoundError(spec_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["qwen3_llama_cpp_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def bench_llama_cpp(folder: Path, args: argparse.Namespace) -> dict[str, float] | None:
     """llama.cpp's own benches on a GGUF of the same weights (see docs/benchmarks.md); None if unavailable."""
     try:
-        import importlib.util
-
-        spec_path = Path(__file__).resolve().parents[2] / "benchmarks" / "llama_cpp.py"
-        spec = importlib.util.spec_from_file_location("qwen3_llama_cpp_bench", spec_path)
-        if spec is None or spec.loader is None:
-            raise FileNotFoundError(spec_path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.bench(folder, args)
+        return _llama_cpp_module().bench(folder, args)
     except Exception as exc:  # the peer is optional: say why it is missing and go on
         logger.warning("llama.cpp peer skipped: %s", exc)
         return None

@@ -359,6 +359,18 @@ class GGUFCheckpoint:
         except ConfigError as exc:
             raise CheckpointError(f"{self.path}: {exc}") from None
 
+    def release(self, tensor: GGUFTensor) -> None:
+        """Drop a tensor's pages from this process's mapping once its values live elsewhere (repacked): they
+        leave the RSS (the page cache keeps them), so a model loads in about its file's size, not twice it."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED") or tensor.data.size == 0:
+            return
+        base = np.frombuffer(self._map, np.uint8, 1, 0).ctypes.data
+        start = tensor.data.ctypes.data - base
+        page = mmap.PAGESIZE
+        first, last = -(-start // page) * page, (start + tensor.data.nbytes) // page * page
+        if last > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
     def decode_bytes(self) -> int:
         """Bytes of weights one batch-1 decode step reads from this file as stored: every matrix, the routed
         share of each MoE expert stack, the embedding only where it doubles as the output (the roofline's
@@ -512,7 +524,7 @@ def load_gguf_model(
             if target is not None:
                 _check_shape(checkpoint.path, tensor.name, tensor.shape, tuple(target[0][target[1]].shape))
 
-        done = quantized.install(model, by_name, target_dtype, check)
+        done = quantized.install(model, by_name, target_dtype, check, checkpoint.release)
         logger.info("%d of %d GGUF tensors kept quantized", len(done), len(by_name))
     quantized.materialize(model, target_dtype, device)
     layout = checkpoint_layout(model)  # (stand-ins where the weights are quantized)

@@ -287,14 +287,19 @@ def _placeholder(module: nn.Module, name: str, dtype: torch.dtype) -> None:
 
 
 def install(
-    model: nn.Module, tensors: dict[str, Any], dtype: torch.dtype, check: Callable[[Any], None]
+    model: nn.Module,
+    tensors: dict[str, Any],
+    dtype: torch.dtype,
+    check: Callable[[Any], None],
+    release: Callable[[Any], None] | None = None,
 ) -> set[str]:
     """Give the model's big matrices quantized weights from GGUF ``tensors`` (name -> GGUFTensor).
 
     ``model`` is still on the meta device; what gets quantized weights keeps a stand-in parameter (see
     :func:`_placeholder`), the rest is left for the caller to materialise and fill. A matrix whose type
     has no kernel format (F16, BF16, F32) or that cannot be repacked stays with the caller. Returns the
-    GGUF tensor names used here. ``check(tensor)`` raises for a tensor that does not fit the model.
+    GGUF tensor names used here. ``check(tensor)`` raises for a tensor that does not fit the model;
+    ``release(tensor)`` is called once a tensor is repacked (its file pages are no longer needed).
     """
     from qwen3.kernels import concat_quant_rows, interleave_gate_up
     from qwen3.layers import Experts
@@ -312,6 +317,8 @@ def install(
             for t in found:
                 rows, k = t.shape[-2], t.shape[-1]
                 out.append(repack(t.type.name, t.data, rows, k))
+                if release is not None:
+                    release(t)
         except ValueError:
             return None
         used.update(names)
