@@ -493,7 +493,7 @@ def run_llama_bench(
         "json",
     ]
     logger.info("running %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc, peak = run_measured(cmd, timeout)
     if proc.returncode != 0:
         raise LlamaCppUnavailable(f"{BENCH} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
     tests = json.loads(proc.stdout)
@@ -516,7 +516,45 @@ def run_llama_bench(
         "build_number": tg.get("build_number"),
         "cpu_info": tg.get("cpu_info"),
         "command": " ".join(cmd),
+        "peak_rss_GB": peak / 1e9,
     }
+
+
+def run_measured(cmd: Sequence[str], timeout: float) -> tuple[subprocess.CompletedProcess, int]:
+    """``subprocess.run(cmd)`` with output captured, and the child's peak resident memory in bytes.
+
+    The peak is the child's own ``VmHWM`` (/proc/PID/status), read every 0.1 s while it runs: getrusage's
+    figure for children also counts the parent's pages the child had before it exec'd.
+    """
+    import threading
+
+    peak = 0
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.wait(0.1):
+            try:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            peak = max(peak, int(line.split()[1]) * 1024)
+            except OSError:
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    finally:
+        done.set()
+        watcher.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), peak
 
 
 def run_batched_bench(
@@ -626,7 +664,11 @@ def bench(folder: Path, args: argparse.Namespace | None = None) -> dict[str, flo
         n_gen=get("decode_tokens", 128),
         repetitions=get("repeats", 3),
     )
-    results = {"decode_tok_s": single["decode_tok_s"], "prefill_tok_s": single["prefill_tok_s"]}
+    results = {
+        "decode_tok_s": single["decode_tok_s"],
+        "prefill_tok_s": single["prefill_tok_s"],
+        "peak_rss_GB": single["peak_rss_GB"],
+    }
     if concurrency:
         multi = run_batched_bench(
             batched,

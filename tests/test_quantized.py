@@ -214,3 +214,15 @@ def test_a_k_quant_mix_dense_and_moe(tmp_path):
     kl, top1, model = _logit_agreement(path)
     assert kl < 0.1 and top1 > 0.85, (kl, top1)
     assert model.model.layers[0].mlp.experts.quant is not None
+
+
+def test_a_quantized_model_refuses_to_be_saved_as_zeros(tmp_path):
+    from qwen3.checkpoint import save_model
+
+    source = load_model(default_model_dir(), dtype="float32", progress=False)
+    path = save_gguf(
+        source, Tokenizer.from_pretrained(default_model_dir()), tmp_path / "q8.gguf", "q8_0", progress=False
+    )
+    with pytest.raises(ValueError, match="held quantized"):
+        save_model(load_model(path, progress=False), tmp_path / "out")
+    save_model(load_model(path, dtype="bfloat16", progress=False), tmp_path / "out")  # dequantized: fine

@@ -391,8 +391,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["transformers"] = bench_transformers(folder, args)
     if "llama.cpp" in peers:
         report["llama.cpp"] = bench_llama_cpp(folder, args)
-        if report["llama.cpp"]:  # its benches are children of this process (so are converters, if any ran)
-            report["llama_cpp_peak_rss_GB"] = _peak_rss(resource.RUSAGE_CHILDREN)
+        if report["llama.cpp"] and "peak_rss_GB" in report["llama.cpp"]:  # llama-bench's own peak
+            report["llama_cpp_peak_rss_GB"] = report["llama.cpp"].pop("peak_rss_GB")
     roofline = report["read_bandwidth_GBs"] / report["weight_GB"]
     report["roofline_decode_tok_s"] = roofline
     report["qwen3_decode_fraction_of_roofline"] = report["qwen3"]["decode_tok_s"] / roofline
@@ -400,7 +400,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _peak_rss(who: int) -> float:
-    """Peak resident memory in GB of this process or (the largest of) its finished children."""
+    """Peak resident memory in GB of this process (``resource.RUSAGE_SELF``)."""
     return resource.getrusage(who).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 

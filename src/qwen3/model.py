@@ -271,4 +271,8 @@ def checkpoint_layout(model: Qwen3ForCausalLM) -> dict[str, tuple[nn.Parameter, 
 def iter_checkpoint_tensors(model: Qwen3ForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, tensor view) pairs: what a saved checkpoint of this model contains."""
     for name, (param, index) in checkpoint_layout(model).items():
+        if param.numel() > 1 and not any(param.stride()):  # a stand-in: the weights are held quantized
+            raise ValueError(
+                f"{name} is held quantized (a GGUF loaded as is); load it with an explicit dtype to save it"
+            )
         yield name, param.detach()[index]
