@@ -13,6 +13,7 @@ import torch
 
 from qwen3 import CheckpointError, load_model
 from qwen3.gguf_checkpoint import SUPPORTED_TYPES, GGUFCheckpoint, dequantize, save_gguf
+from qwen3.gguf_random import random_blocks
 from qwen3.llm import LLM, default_model_dir
 from qwen3.tokenizer import Tokenizer
 from tests.reference import load_reference, make_hf_checkpoint
@@ -106,7 +107,8 @@ def test_the_float32_file_is_the_source_checkpoint_exactly(files, source):
 
 @pytest.mark.parametrize("quant", ["bf16", "q8_0", "q4_0", "q5_1"])
 def test_the_default_bf16_path_agrees_with_the_float32_reference(files, quant):
-    """The quantized file run as qwen3 runs it by default (bf16 kernels) against float32 on the same weights."""
+    """The file run as qwen3 runs it by default (quantized kernels on quantized blocks, bf16 kernels for bf16)
+    against float32 on the same weights."""
     fast = load_model(files[quant], progress=False)
     exact = load_model(files[quant], dtype="float32", progress=False)
     assert fast.dtype == torch.bfloat16
@@ -153,20 +155,6 @@ def test_llama_cpp_reads_what_we_write(tmp_path):
     }
 
 
-KQUANT_SCALES = {  # where each K-quant block keeps its fp16 scales (bytes), so random blocks stay finite
-    "Q2_K": (80, 84), "Q3_K": (108, 110), "Q4_K": (0, 4), "Q5_K": (0, 4), "Q6_K": (208, 210),
-}  # fmt: skip
-
-
-def random_blocks(shape: tuple[int, int], qtype, rng: np.random.Generator) -> np.ndarray:
-    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-    data = rng.integers(0, 256, (shape[0], shape[1] // block, block_bytes), dtype=np.uint8)
-    start, end = KQUANT_SCALES[qtype.name]
-    scales = rng.uniform(0.001, 0.02, (shape[0], shape[1] // block, (end - start) // 2)).astype(np.float16)
-    data[..., start:end] = scales.view(np.uint8)
-    return data.reshape(shape[0], -1)
-
-
 def test_k_quants_mixed_in_one_file_dequantize_as_gguf_does(tmp_path):
     """A file like llama-quantize's Q4_K_M (K-quants of several types side by side, norms F32): every
     parameter is exactly gguf.quants.dequantize of its tensor."""
@@ -195,7 +183,7 @@ def test_k_quants_mixed_in_one_file_dequantize_as_gguf_does(tmp_path):
         shape = tuple(int(d) for d in reversed(tensor.shape))
         if len(shape) == 2 and shape[1] % 256 == 0:
             qtype = kinds[i % len(kinds)]
-            writer.add_tensor(tensor.name, random_blocks(shape, qtype, rng), raw_dtype=qtype)
+            writer.add_tensor(tensor.name, random_blocks(qtype.name, shape, rng), raw_dtype=qtype)
             written[tensor.name] = qtype.name
         else:
             writer.add_tensor(tensor.name, np.array(tensor.data))

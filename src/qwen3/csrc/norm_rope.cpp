@@ -19,6 +19,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -27,31 +29,19 @@
 
 namespace {
 
-inline float from_bf16(uint16_t bits) {
-  const uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-// Round to nearest even, as torch does (finite values; a NaN stays a NaN unless its payload is in the
-// low half only, which nothing here produces).
-inline uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
+using qwen3::bf16_bits_to_float;
+using qwen3::float_to_bf16_bits;
 
 // The element types: bf16 (its bits) and fp32. For each: to fp32, from fp32, and rounding to the type.
 using bf16_t = uint16_t;
-inline float to_float(bf16_t v) { return from_bf16(v); }
+inline float to_float(bf16_t v) { return bf16_bits_to_float(v); }
 inline float to_float(float v) { return v; }
-inline void store(bf16_t* dst, float f) { *dst = to_bf16(f); }
+inline void store(bf16_t* dst, float f) { *dst = float_to_bf16_bits(f); }
 inline void store(float* dst, float f) { *dst = f; }
 template <typename T>
 inline float round_to(float f) {
   if constexpr (sizeof(T) == 2)
-    return from_bf16(to_bf16(f));
+    return bf16_bits_to_float(float_to_bf16_bits(f));
   else
     return f;
 }
