@@ -187,6 +187,8 @@ def test_the_shipped_model_stays_quantized_and_agrees(tmp_path, quant):
         model.model.layers[0].mlp.down_proj(
             torch.zeros(1, model.config.intermediate_size, requires_grad=True)
         )
+    with pytest.raises(RuntimeError, match="for inference"):  # never the zero stand-ins
+        model.model.layers[0].mlp(torch.zeros(1, model.config.hidden_size, requires_grad=True))
 
 
 def test_a_k_quant_mix_dense_and_moe(tmp_path):

@@ -251,6 +251,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_gate_up is not None and not x.requires_grad:
             return self.down_proj(kernels.gate_up_silu(x, self.packed_gate_up))
+        if isinstance(self.packed_gate_up, (kernels.QuantWeight, tuple)):  # gate_up_proj.weight is a stand-in
+            raise RuntimeError("quantized weights are for inference; load the model in bfloat16 to train")
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
