@@ -65,6 +65,34 @@ CMAKE_OPTIONS = (
     "-DLLAMA_BUILD_SERVER=OFF",
 )
 
+#: ggml's x86 options for a non-native build, with the /proc/cpuinfo flag each needs.
+_GGML_X86_OPTIONS = {
+    "GGML_SSE42": "sse4_2", "GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c",
+    "GGML_BMI2": "bmi2", "GGML_AVX_VNNI": "avx_vnni", "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi",
+    "GGML_AVX512_VNNI": "avx512_vnni", "GGML_AVX512_BF16": "avx512_bf16",
+}  # fmt: skip
+
+
+def cmake_options(cpu_flags: set[str] | None = None) -> tuple[str, ...]:
+    """CMAKE_OPTIONS for this CPU: native code, except that on a CPU with AMX the build is every other
+    extension of this CPU's, without AMX.
+
+    Why: llama.cpp's AMX matrix path (chosen at run time for Q4_0/Q8_0... weights when built natively on
+    a Sapphire Rapids-class Xeon) crashed llama-bench with SIGSEGV in ``ggml_backend_amx_mul_mat`` on
+    Qwen3-0.6B Q8_0 here (llama-cpp-python 0.3.36, a 2-vCPU KVM guest, 2026-12-02). Without AMX it runs
+    its AVX-512 (VNNI, BF16) kernels and weight repacking, as on the other machines.
+    """
+    from qwen3.kernels import cpu_flags as machine_flags
+
+    flags = machine_flags() if cpu_flags is None else cpu_flags
+    if "amx_tile" not in flags:
+        return CMAKE_OPTIONS
+    chosen = [f"-D{option}={'ON' if flag in flags else 'OFF'}" for option, flag in _GGML_X86_OPTIONS.items()]
+    return tuple(o if o != "-DGGML_NATIVE=ON" else "-DGGML_NATIVE=OFF" for o in CMAKE_OPTIONS) + (
+        *chosen, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
+    )  # fmt: skip
+
+
 #: Python modules ``convert_hf_to_gguf.py`` imports unconditionally on the way to writing a Qwen3 GGUF.
 #: sentencepiece is among them even for a BPE vocabulary: the converter tries the SentencePiece path
 #: first and only falls back to BPE when ``tokenizer.model`` is missing, after the import.
@@ -159,6 +187,9 @@ def _cached_bench(cache_dir: Path, version: str) -> Path | None:
             "cached llama.cpp is from llama-cpp-python %s, want %s", info.get("llama_cpp_python"), version
         )
         return None
+    if info.get("cmake_options") != list(cmake_options()):
+        logger.info("cached llama.cpp was built with other options than this CPU needs; rebuilding")
+        return None
     binaries = [bin_dir / name for name in BINARIES]
     if all(b.is_file() and os.access(b, os.X_OK) for b in binaries):
         return binaries[0]
@@ -252,9 +283,10 @@ def build_benches(
     build_dir.mkdir(parents=True, exist_ok=True)
     log_path = build_dir / "build.log"
     start = time.perf_counter()
-    logger.info("configuring llama.cpp (%s); log in %s", " ".join(CMAKE_OPTIONS), log_path)
+    options = cmake_options()
+    logger.info("configuring llama.cpp (%s); log in %s", " ".join(options), log_path)
     _run(
-        ["cmake", "-S", str(source), "-B", str(build_dir), *CMAKE_OPTIONS],
+        ["cmake", "-S", str(source), "-B", str(build_dir), *options],
         what="cmake configure",
         log_path=log_path,
     )
@@ -286,7 +318,7 @@ def build_benches(
     info = {
         "llama_cpp_python": version,
         "llama_cpp_commit": _git_commit(source),
-        "cmake_options": list(CMAKE_OPTIONS),
+        "cmake_options": list(options),
         "jobs": jobs,
         "build_seconds": round(seconds, 1),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -378,3 +378,22 @@ def test_engine_kernel_attention_tracks_the_torch_path(tiny_checkpoint, dtype: s
     err = (kernel - torch_).abs().max().item()
     assert err < (0.05 if dtype == "bfloat16" else 1e-4) * torch_.abs().max().item()
     assert torch.equal(kernel.argmax(-1), torch_.argmax(-1))
+
+
+def test_huge_page_buffers_are_aligned_zeroed_and_outlive_their_maker() -> None:
+    """Packed weights live in 2 MiB-aligned anonymous memory advised for huge pages (small ones: torch.empty)."""
+    t = kernels.huge_page_empty((3, 1 << 20), torch.bfloat16)  # 6 MiB
+    assert t.shape == (3, 1 << 20) and t.dtype == torch.bfloat16 and t.is_contiguous()
+    assert t.data_ptr() % (2 << 20) == 0 and not t.any()
+    view = t[1:]
+    del t  # the mapping belongs to the tensor's storage: a view keeps it alive
+    view.fill_(1.5)
+    assert view.float().sum().item() == 1.5 * 2 * (1 << 20)
+    small = kernels.huge_page_empty((5, 7), torch.int16)
+    assert small.shape == (5, 7) and small.dtype == torch.int16
+    if kernels.kernels_available():
+        w = torch.randn(1024, 1536, dtype=torch.bfloat16)
+        packed = kernels.pack_linear_weight(w)
+        assert packed.data.data_ptr() % (2 << 20) == 0
+        x = torch.randn(3, 1536, dtype=torch.bfloat16)
+        _assert_close(kernels.packed_linear(x, packed), _reference(x, w))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qwen3.kernels import QuantWeight
+from qwen3.kernels import QuantWeight, huge_page_empty
 
 ROWS = 8  # output rows per kernel group
 QK_K = 256
@@ -195,7 +195,7 @@ def repack(kind: str, data: np.ndarray, rows: int, k: int, chunk_rows: int = 409
     experts = stacked.shape[0]
     groups = -(-rows // ROWS)
     padded = groups * ROWS
-    codes = torch.empty(experts, groups, k * bits, dtype=torch.uint8)
+    codes = huge_page_empty((experts, groups, k * bits), torch.uint8)
     arrays: dict[str, torch.Tensor] = {}
     for e in range(experts):
         for r0 in range(0, padded, chunk_rows):

@@ -33,15 +33,17 @@
 //     codes  8-bit: [K/4][8 rows][4]  the 4 codes of k = 4s..4s+3 of each row: one 32-byte load per step
 //            4-bit: [K/8][8 rows][4]  byte j of a row holds k = 8s+j (low nibble) and 8s+4+j (high)
 //     d, m   [K/super][8] fp16;  sc, mc  [K/B][8] int8   (only for the K types: super-block != block)
-// A step multiplies the 8 rows' 4 codes by 4 activation codes broadcast to every lane (vpmaddubsw: unsigned
-// x signed bytes, pairwise into int16, then vpmaddwd into int32), so no horizontal sums are needed. 8-bit
-// codes are signed: |q| goes in as the unsigned operand and the activation takes q's sign (vpsignb), as
-// the products then stay within int16. Experts of a MoE layer are stacked: [E][groups][...].
+// A step multiplies the 8 rows' 4 codes by 4 activation codes broadcast to every lane, so no horizontal
+// sums are needed: on AVX2, vpmaddubsw (unsigned x signed bytes, pairwise into int16) then vpmaddwd into
+// int32; on the AVX-512 build, VNNI's vpdpbusd does both in one instruction. 8-bit codes are signed: |q|
+// goes in as the unsigned operand and the activation takes q's sign (vpsignb), as the products then stay
+// within int16. Experts of a MoE layer are stacked: [E][groups][...].
 //
 // Batch invariance: an output element is one fixed sequence of operations over its blocks whatever the
 // number of rows in the call, the tile it lands in or the thread that runs it, and a row's activation
-// scales depend on that row alone. The instructions are AVX2 (+F16C), which every machine the kernels
-// run on has, so both kernel builds (AVX2 and AVX512-BF16) run the same arithmetic.
+// scales depend on that row alone. The integer dot products are exact (no intermediate saturates), so
+// the AVX2 and VNNI paths give the same integers and, after them, the same floating-point operations:
+// both kernel builds produce identical results.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -60,6 +62,11 @@
 
 #include "common.h"
 
+// The AVX-512 build has VNNI (every AVX512-BF16 CPU does): vpdpbusd on 256-bit registers.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define QWEN3_QUANT_VNNI 1
+#endif
+
 namespace {
 
 using qwen3::bf16_bits_to_float;
@@ -73,6 +80,9 @@ constexpr int kMaxMT = 4;      // activation rows per tile: 4 int32 + 4 fp32 acc
 // stops at 4 KiB pages and keeps too few lines in flight for DRAM at batch 1.
 #ifndef QWEN3_QUANT_PREFETCH
 #define QWEN3_QUANT_PREFETCH 2048
+#endif
+#ifndef QWEN3_QUANT_PF_HINT
+#define QWEN3_QUANT_PF_HINT _MM_HINT_T0
 #endif
 
 // --- the weights -----------------------------------------------------------------------------------------
@@ -233,6 +243,13 @@ inline __m256i bcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
+#if defined(QWEN3_QUANT_VNNI)
+inline __m256i dpbusd(__m256i acc, __m256i u8, __m256i s8) { return _mm256_dpbusd_epi32(acc, u8, s8); }
+#else
+// A lane's int32 factor f as the (f, f) int16 pair vpmaddwd multiplies a lane's two pair sums by (|f| < 2^15).
+inline __m256i mult16(__m256i f) { return _mm256_blend_epi16(f, _mm256_slli_epi32(f, 16), 0xAA); }
+#endif
+
 // out[m][r] = row r of group `g` of expert `e` dotted with activation row rows[m], m < MT.
 template <int BITS, int B, bool SUB, bool MIN, int MT>
 void qtile(const QMatrix& w, int64_t e, int64_t g, const QActs& a, const int64_t* rows, float* out) {
@@ -250,17 +267,36 @@ void qtile(const QMatrix& w, int64_t e, int64_t g, const QActs& a, const int64_t
     xd[m] = a.dx.data() + rows[m] * (k / ab);
     xs[m] = (B == 16 ? a.sum16.data() + rows[m] * (k / 16) : a.sum32.data() + rows[m] * (k / 32));
   }
-  const __m256i ones = _mm256_set1_epi16(1);
   const __m256i nibble = _mm256_set1_epi8(0x0f);
   __m256 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
   constexpr int64_t kStepBytes = 32, kPerStep = BITS == 8 ? 4 : 8, kSteps = B / kPerStep;
-  // One block of B values of k for every row: iacc[m] += the block's pair sums, times `mult` (per lane
-  // pair: 1, or the rows' int8 sub-block factors, which folds them into the widening multiply).
+  // One block of B values of k for every row: iacc[m] += the block's integer dot products times `mult` (per
+  // lane: 1, or the rows' int8 sub-block factors). Either instruction set computes the same integers.
   auto block_dot = [&](int64_t b, __m256i mult, __m256i* iacc) {
     const uint8_t* wb = codes + b * kSteps * kStepBytes;
     for (int64_t s = 0; s < kSteps; s += 2)  // two steps (64 bytes) a line
-      _mm_prefetch(reinterpret_cast<const char*>(wb + s * kStepBytes) + QWEN3_QUANT_PREFETCH, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wb + s * kStepBytes) + QWEN3_QUANT_PREFETCH, QWEN3_QUANT_PF_HINT);
+#if defined(QWEN3_QUANT_VNNI)
+    // vpdpbusd sums the 4 unsigned x signed byte products of each lane straight into int32.
+    __m256i bacc[MT];
+    for (int m = 0; m < MT; ++m) bacc[m] = SUB ? _mm256_setzero_si256() : iacc[m];
+    for (int64_t s = 0; s < kSteps; ++s) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + s * kStepBytes));
+      const int64_t k0 = b * B + s * kPerStep;
+      if constexpr (BITS == 8) {
+        const __m256i aw = _mm256_abs_epi8(wv);
+        for (int m = 0; m < MT; ++m) bacc[m] = dpbusd(bacc[m], aw, _mm256_sign_epi8(bcast4(xq[m] + k0), wv));
+      } else {
+        const __m256i lo = _mm256_and_si256(wv, nibble);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), nibble);
+        for (int m = 0; m < MT; ++m)
+          bacc[m] = dpbusd(dpbusd(bacc[m], lo, bcast4(xq[m] + k0)), hi, bcast4(xq[m] + k0 + 4));
+      }
+    }
+    for (int m = 0; m < MT; ++m) iacc[m] = SUB ? _mm256_add_epi32(iacc[m], _mm256_mullo_epi32(bacc[m], mult)) : bacc[m];
+#else
+    const __m256i mult2 = mult16(mult);
     for (int64_t s = 0; s < kSteps; ++s) {
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + s * kStepBytes));
       const int64_t k0 = b * B + s * kPerStep;
@@ -268,7 +304,7 @@ void qtile(const QMatrix& w, int64_t e, int64_t g, const QActs& a, const int64_t
         const __m256i aw = _mm256_abs_epi8(wv);
         for (int m = 0; m < MT; ++m) {
           const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4(xq[m] + k0), wv));
-          iacc[m] = _mm256_add_epi32(iacc[m], _mm256_madd_epi16(p, mult));
+          iacc[m] = _mm256_add_epi32(iacc[m], _mm256_madd_epi16(p, mult2));
         }
       } else {
         const __m256i lo = _mm256_and_si256(wv, nibble);
@@ -277,10 +313,11 @@ void qtile(const QMatrix& w, int64_t e, int64_t g, const QActs& a, const int64_t
           // 15 * 127 * 2 * 2 < 2^15: the two nibbles' pair sums add in int16 without overflow
           const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xq[m] + k0)),
                                              _mm256_maddubs_epi16(hi, bcast4(xq[m] + k0 + 4)));
-          iacc[m] = _mm256_add_epi32(iacc[m], _mm256_madd_epi16(p, mult));
+          iacc[m] = _mm256_add_epi32(iacc[m], _mm256_madd_epi16(p, mult2));
         }
       }
     }
+#endif
   };
   if constexpr (SUB) {
     // K types: per super-block, sum_j sc[j] * (block j's integer dot) in int32 (bounded well below 2^31 for
@@ -291,8 +328,7 @@ void qtile(const QMatrix& w, int64_t e, int64_t g, const QActs& a, const int64_t
       __m256 mn8 = _mm256_setzero_ps();
       if constexpr (MIN) mn8 = load_f16x8(mn + sb * kLanes);
       for (int64_t b = sb * per_super; b < (sb + 1) * per_super; ++b) {
-        const __m256i f = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + b * kLanes)));
-        block_dot(b, _mm256_blend_epi16(f, _mm256_slli_epi32(f, 16), 0xAA), iacc);  // (f, f) int16 per lane
+        block_dot(b, _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + b * kLanes))), iacc);
         if constexpr (MIN) {
           const __m256 minv = _mm256_mul_ps(mn8, load_i8x8(mc + b * kLanes));
           for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(minv, _mm256_set1_ps(xs[m][b]), acc[m]);
@@ -306,7 +342,7 @@ void qtile(const QMatrix& w, int64_t e, int64_t g, const QActs& a, const int64_t
     for (int64_t b = 0; b < blocks; ++b) {
       __m256i iacc[MT];
       for (int m = 0; m < MT; ++m) iacc[m] = _mm256_setzero_si256();
-      block_dot(b, ones, iacc);
+      block_dot(b, _mm256_set1_epi32(1), iacc);
       const __m256 scale = load_f16x8(d + b * kLanes);
       __m256 minv = _mm256_setzero_ps();
       if constexpr (MIN) minv = load_f16x8(mn + b * kLanes);
