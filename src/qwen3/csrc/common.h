@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -49,6 +50,27 @@ inline void silu_mul(float* __restrict g, const float* __restrict u, int64_t n) 
 inline int64_t grain_for(int64_t units) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   return std::max<int64_t>(1, (units + threads - 1) / threads);
+}
+
+// fn(u0, u1) over [0, units) in chunks that the threads take as they finish, about 8 a thread: a thread
+// that runs slower (its core busy with an interrupt, a vCPU descheduled, a farther memory channel) takes
+// fewer, instead of the others waiting for it at the end of every call. Which thread computes a unit never
+// changes its result, so this keeps batch invariance. Chunks stay contiguous runs of units.
+template <class F>
+void balanced_for(int64_t units, const F& fn) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  if (threads == 1 || units <= 1 || at::in_parallel_region()) {
+    fn(0, units);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(1, units / (threads * 8));
+  const int64_t chunks = (units + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed))
+      fn(c * chunk, std::min(units, (c + 1) * chunk));
+  });
 }
 
 }  // namespace qwen3

@@ -33,8 +33,8 @@
 // NB*MT accumulators in registers (AVX-512: up to 4 x 6 = 24 zmm; AVX2: up to 2 blocks or 3 rows), so each
 // weight vector loaded feeds MT rows and each broadcast activation NB blocks: compute-bound shapes
 // (prefill) run near the FMA / dot-product peak, and with one row (decode) NB independent chains keep the
-// loads in flight. Threads split the groups statically (at::parallel_for: torch's own thread pool and
-// count), one contiguous slice each; a thread runs all M rows through a group tile by tile (the group's
+// loads in flight. Threads take contiguous chunks of groups as they finish (qwen3::balanced_for, on
+// torch's own thread pool and count); a thread runs all M rows through a group tile by tile (the group's
 // weights come from memory once, then from L2), and moves on.
 //
 // Instruction set: the file is compiled for the machine that runs it (kernels.py picks the -m flags from
@@ -411,7 +411,7 @@ void run_groups(const at::Tensor& x, const at::Tensor& packed, const Packed& p, 
   const int64_t m_rows = x.size(0);
   const std::vector<typename F::X> xbuf = prepare_x<typename F::X>(x, p.k_pad);
   const auto* w = reinterpret_cast<const typename F::W*>(packed.data_ptr());
-  at::parallel_for(0, p.groups, grain_for(p.groups), [&](int64_t g0, int64_t g1) {
+  qwen3::balanced_for(p.groups, [&](int64_t g0, int64_t g1) {
     std::vector<float> acc(static_cast<size_t>(m_rows * kStep));
     for (int64_t group = g0; group < g1; ++group) {
       group_all_rows<F>(w + group * p.group_elems, p.k_pad, xbuf.data(), m_rows, acc.data());

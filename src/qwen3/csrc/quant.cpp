@@ -71,7 +71,6 @@ namespace {
 
 using qwen3::bf16_bits_to_float;
 using qwen3::float_to_bf16_bits;
-using qwen3::grain_for;
 using qwen3::silu_mul;
 
 constexpr int64_t kLanes = 8;  // output rows per group
@@ -428,7 +427,7 @@ at::Tensor quant_linear(const at::Tensor& x, const Parts& weight, at::IntArrayRe
   for (int64_t i = 0; i < m_rows; ++i) rows[i] = i;
   const bool out_bf16 = y.scalar_type() == at::kBFloat16;
   void* y_raw = y.data_ptr();
-  at::parallel_for(0, units, grain_for(units), [&](int64_t u0, int64_t u1) {
+  qwen3::balanced_for(units, [&](int64_t u0, int64_t u1) {
     std::vector<float> out(static_cast<size_t>(m_rows * kLanes)), up;
     if (gate_up) up.resize(out.size());
     for (int64_t u = u0; u < u1; ++u) {
@@ -504,7 +503,7 @@ at::Tensor quant_moe(const at::Tensor& x, const Parts& gate_up, at::IntArrayRef 
   at::Tensor h = at::empty({slots, inter}, x.options().dtype(at::kFloat));
   float* hp = h.data_ptr<float>();
   const int64_t pairs = gu.groups / 2;
-  at::parallel_for(0, n_used * pairs, grain_for(n_used * pairs), [&](int64_t t0, int64_t t1) {
+  qwen3::balanced_for(n_used * pairs, [&](int64_t t0, int64_t t1) {
     std::vector<float> g(static_cast<size_t>(slots * kLanes)), u(g.size());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t e = used[t / pairs], p = t % pairs, first = start[e], count = start[e + 1] - first;
@@ -517,7 +516,7 @@ at::Tensor quant_moe(const at::Tensor& x, const Parts& gate_up, at::IntArrayRef 
   const QActs ha = quantize_acts(h, act_block(dn));
   std::vector<float> o(static_cast<size_t>(slots * hidden));  // down output of sorted slot i
   const int64_t groups = dn.groups;
-  at::parallel_for(0, n_used * groups, grain_for(n_used * groups), [&](int64_t t0, int64_t t1) {
+  qwen3::balanced_for(n_used * groups, [&](int64_t t0, int64_t t1) {
     std::vector<float> out(static_cast<size_t>(slots * kLanes));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t e = used[t / groups], g = t % groups, first = start[e], count = start[e + 1] - first;
