@@ -58,6 +58,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -74,7 +75,13 @@ using qwen3::float_to_bf16_bits;
 using qwen3::silu_mul;
 
 constexpr int64_t kLanes = 8;  // output rows per group
-constexpr int kMaxMT = 4;      // activation rows per tile: 4 int32 + 4 fp32 accumulators
+// Activation rows per tile: an int32 and an fp32 accumulator each (and a block accumulator on VNNI), in
+// AVX2's 16 ymm registers for 4 rows, in AVX-512's 32 for 8.
+#if defined(QWEN3_QUANT_VNNI)
+constexpr int kMaxMT = 8;
+#else
+constexpr int kMaxMT = 4;
+#endif
 // Software prefetch distance (bytes) of the codes stream, one prefetch per 64-byte line: the L2 streamer
 // stops at 4 KiB pages and keeps too few lines in flight for DRAM at batch 1.
 #ifndef QWEN3_QUANT_PREFETCH
@@ -170,8 +177,18 @@ struct QActs {
   int64_t k = 0, block = 32;
 };
 
+inline int hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+// codes c = round-to-nearest-even(x / dx), which vcvtps2dq computes in the default rounding mode (as
+// std::nearbyint would, one value at a time), clamped to [-127, 127] (|x| / dx <= 127 up to rounding).
 void quantize_row(const float* x, int64_t k, int64_t block, int8_t* q, float* dx, float* sum16, float* sum32) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
   for (int64_t b = 0; b < k / block; ++b) {
     const float* xb = x + b * block;
     __m256 amax = _mm256_setzero_ps();
@@ -181,15 +198,16 @@ void quantize_row(const float* x, int64_t k, int64_t block, int8_t* q, float* dx
     float a = 0.f;
     for (float l : lanes) a = std::max(a, l);
     const float d = a / 127.f, id = a > 0.f ? 127.f / a : 0.f;
+    const __m256 idv = _mm256_set1_ps(id);
     dx[b] = d;
     for (int64_t j = 0; j < block / 16; ++j) {
-      int s = 0;
-      for (int64_t i = j * 16; i < j * 16 + 16; ++i) {
-        const int c = static_cast<int>(std::nearbyint(xb[i] * id));
-        q[b * block + i] = static_cast<int8_t>(std::min(127, std::max(-127, c)));
-        s += q[b * block + i];
-      }
-      sum16[(b * block) / 16 + j] = d * static_cast<float>(s);
+      const float* xj = xb + j * 16;
+      const __m256i c0 = _mm256_min_epi32(hi, _mm256_max_epi32(lo, _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xj), idv))));
+      const __m256i c1 = _mm256_min_epi32(hi, _mm256_max_epi32(lo, _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xj + 8), idv))));
+      const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(c0, c1), 0xD8);  // 16 int16, in order
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * block + j * 16),
+                       _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1)));
+      sum16[(b * block) / 16 + j] = d * static_cast<float>(hsum_epi32(_mm256_add_epi32(c0, c1)));
     }
   }
   for (int64_t j = 0; j < k / 32; ++j) {  // sum of the two 16s: the same dx (a block holds both)
@@ -216,7 +234,12 @@ QActs quantize_acts(const at::Tensor& x, int64_t block) {
   at::parallel_for(0, m_rows, 16, [&](int64_t r0, int64_t r1) {
     std::vector<float> row(static_cast<size_t>(k));
     for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t i = 0; i < k; ++i)
+      int64_t i = 0;
+      if (bf16 && s1 == 1)  // bf16 is the top half of an fp32: widen and shift, 8 at a time
+        for (; i + 8 <= k; i += 8)
+          _mm256_storeu_ps(row.data() + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+              _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src16 + r * s0 + i))), 16)));
+      for (; i < k; ++i)
         row[i] = bf16 ? bf16_bits_to_float(src16[r * s0 + i * s1]) : src32[r * s0 + i * s1];
       quantize_row(row.data(), k, block, a.codes.data() + r * k, a.dx.data() + r * k / block,
                    a.sum16.data() + r * k / 16, a.sum32.data() + r * k / 32);
@@ -357,10 +380,13 @@ void qtile(const QMatrix& w, int64_t e, int64_t g, const QActs& a, const int64_t
 using TileFn = void (*)(const QMatrix&, int64_t, int64_t, const QActs&, const int64_t*, float*);
 using Tiles = std::array<TileFn, kMaxMT + 1>;  // by tile height
 
+template <int BITS, int B, bool SUB, bool MIN, int... MT>
+Tiles tiles_of(std::integer_sequence<int, MT...>) {
+  return {nullptr, &qtile<BITS, B, SUB, MIN, MT + 1>...};
+}
 template <int BITS, int B, bool SUB, bool MIN>
 Tiles tiles_for() {
-  return {nullptr, &qtile<BITS, B, SUB, MIN, 1>, &qtile<BITS, B, SUB, MIN, 2>, &qtile<BITS, B, SUB, MIN, 3>,
-          &qtile<BITS, B, SUB, MIN, 4>};
+  return tiles_of<BITS, B, SUB, MIN>(std::make_integer_sequence<int, kMaxMT>{});
 }
 
 Tiles select_tiles(const QMatrix& w) {
