@@ -316,8 +316,8 @@ def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """``torch.empty`` for weights the kernels stream, in memory advised for transparent huge pages.
 
     Why: a decode step reads every weight once, front to back, and with 4 KiB pages each page is a TLB
-    miss and a boundary the L2 prefetchers stop at; 2 MiB pages took the bf16 decode products from 77%
-    to 81% of the read probe on a Sapphire Rapids-class Xeon (docs/benchmarks.md). Most Linux machines
+    miss and a boundary the L2 prefetchers stop at; 2 MiB pages took the bf16 decode products of
+    Qwen3-0.6B from 56.5 to 52.0 ms a token on a Granite Rapids-class Xeon (docs/benchmarks.md). Most Linux machines
     run THP in ``madvise`` mode, where only advised memory gets huge pages, so the buffer is an anonymous
     mapping aligned to 2 MiB and advised ``MADV_HUGEPAGE`` (it is freed with the tensor). Small tensors
     and systems without ``madvise`` get plain ``torch.empty``.
