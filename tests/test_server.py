@@ -29,6 +29,7 @@ from qwen3.engine.llm_engine import STOP_THINKING_TEXT
 from qwen3.llm import LLM
 from qwen3.sampling import RECOMMENDED, SampleResult, SamplingParams
 from qwen3.server import ServerConfig
+from qwen3.structured import tool_call_grammar
 from tests.live_server import free_port, live_server, wait_healthy
 
 API_KEY = "test-key"
@@ -285,21 +286,28 @@ def test_streaming_completion_equals_non_streaming(server, client):
 
 
 def test_tool_choice_required_and_named_force_the_call(server, client):
+    """A forced tool call is the offline chat with the tool-call grammar; the call is written in Qwen3's
+    format from its first token (random weights never finish the arguments' string within max_tokens)."""
     question = [{"role": "user", "content": "What is 347 * 589?"}]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     required = client.chat.completions.create(
         model="tiny", messages=question, tools=[CALCULATOR], tool_choice="required", temperature=0, max_tokens=40,
         extra_body={**NO_THINK, "ignore_eos": True},
     )  # fmt: skip
+    grammar = tool_call_grammar([CALCULATOR], "required")
     offline = offline_chat(
-        server, question, params, tools=[CALCULATOR], enable_thinking=False, answer_prefix="<tool_call>\n"
+        server,
+        question,
+        params.replace(structured_outputs=grammar),
+        tools=[CALCULATOR],
+        enable_thinking=False,
     )
-    # Random weights never finish the JSON, so the forced call stays (verbatim) in the content.
     assert required.choices[0].message.content == offline.content
-    assert required.choices[0].message.content.startswith("<tool_call>\n")
+    assert required.choices[0].message.content.startswith(
+        '<tool_call>\n{"name": "calculator", "arguments": {'
+    )
 
     named = {"type": "function", "function": {"name": "calculator"}}
-    prefix = '<tool_call>\n{"name": "calculator", "arguments": '
     thinking = client.chat.completions.create(
         model="tiny", messages=question, tools=[CALCULATOR], tool_choice=named, temperature=0, max_tokens=60,
         extra_body={"thinking_budget": 5, "ignore_eos": True},
@@ -308,14 +316,13 @@ def test_tool_choice_required_and_named_force_the_call(server, client):
     offline = offline_chat(
         server,
         question,
-        params.replace(max_tokens=60),
+        params.replace(max_tokens=60, structured_outputs=grammar),
         tools=[CALCULATOR],
         thinking_budget=5,
-        answer_prefix=prefix,
     )
     assert (message.reasoning_content, message.content) == (offline.reasoning, offline.content)
     assert message.reasoning_content.endswith(STOP_THINKING)  # it thought first...
-    assert message.content.startswith(prefix)  # ...then had to call the named function
+    assert message.content.startswith('<tool_call>\n{"name": "calculator"')  # ...then had to call it
 
 
 def test_tool_choice_none_renders_no_tools(server, client):

@@ -16,8 +16,6 @@ from qwen3.server.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
-    NamedToolChoice,
-    tool_call_prefix,
 )
 from qwen3.server.serving import TokenText
 from qwen3.tokenizer import Tokenizer
@@ -119,13 +117,6 @@ def test_completion_prompts():
     for bad in ("", [], ["a", ""]):
         with pytest.raises(ValidationError):
             CompletionRequest(prompt=bad)
-
-
-def test_tool_call_prefix():
-    assert tool_call_prefix("auto") == tool_call_prefix("none") == tool_call_prefix(None) == ""
-    assert tool_call_prefix("required") == "<tool_call>\n"
-    named = NamedToolChoice.model_validate({"type": "function", "function": {"name": "get_weather"}})
-    assert tool_call_prefix(named) == '<tool_call>\n{"name": "get_weather", "arguments": '
 
 
 def test_soft_switch_follows_the_latest_flag():

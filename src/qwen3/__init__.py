@@ -7,6 +7,7 @@ from qwen3.hub import ModelNotFoundError
 from qwen3.llm import LLM, ChatOutput, RequestOutput
 from qwen3.model import Qwen3ForCausalLM, Qwen3MoeForCausalLM, greedy_generate
 from qwen3.sampling import SamplingParams
+from qwen3.structured import StructuredOutputs
 from qwen3.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "Qwen3MoeForCausalLM",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputs",
     "Tokenizer",
     "chat",
     "greedy_generate",

@@ -165,12 +165,14 @@ class AsyncLLM:
         parse: bool = False,
         answer_prefix_ids: list[int] | None = None,
         parse_prefix: str = "",
+        thinking: bool = False,
     ) -> AsyncIterator[StreamDelta]:
         """Yield the request's deltas as they are decoded. Leaving the loop early aborts the request.
 
         ``parse`` splits text into reasoning, content and tool-call deltas (chat requests), reading
         ``parse_prefix`` (answer text the prompt already holds) first. ``answer_prefix_ids`` go to the
-        engine (inserted after ``</think>``). Invalid requests raise :class:`qwen3.engine.RequestError`
+        engine (inserted after ``</think>``); ``thinking``: the model may reason first (a grammar then
+        applies from the end of the reasoning). Invalid requests raise :class:`qwen3.engine.RequestError`
         from the first iteration; a request the engine failed raises :class:`RequestFailedError`.
         """
         request_id = request_id or uuid.uuid4().hex
@@ -191,6 +193,7 @@ class AsyncLLM:
             thinking_budget,
             reasoning_started,
             list(answer_prefix_ids or []),
+            thinking,
         )
         self._send("add", request_id, state, engine_args)
         try:
@@ -221,6 +224,7 @@ class AsyncLLM:
             parse,
             request.answer_prefix_ids,
             request.parse_prefix,
+            request.thinking,
         )
 
     def stream_chat_sync(self, request: ChatRequest) -> Iterator[StreamDelta]:

@@ -41,6 +41,7 @@ from qwen3.jinja_sandbox import RenderLimits
 from qwen3.layers import NoCache
 from qwen3.output_processor import RequestState
 from qwen3.sampling import RECOMMENDED, SamplingError, SamplingParams
+from qwen3.structured import GrammarBackend
 from qwen3.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ class ChatRequest:
     reasoning_started: bool  # the prompt itself opened <think> (Thinking-2507 template)
     answer_prefix_ids: list[int] = field(default_factory=list)  # the engine inserts them after </think>
     parse_prefix: str = ""  # answer text the prompt already holds: the output parser reads it first
+    thinking: bool = False  # thinking mode: the model may reason first (a grammar applies after it)
 
 
 class LLM:
@@ -214,6 +216,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             eos_token_ids=frozenset(self.eos_token_ids()),
             thinking=self._thinking_tokens(),
+            grammars=self._grammar_backend(),
             attention_backend=attention_backend,
             batch_invariant=batch_invariant,
         )
@@ -256,6 +259,16 @@ class LLM:
             return None
         return ThinkingTokens(start, end, tok.encode(STOP_THINKING_TEXT), tok.encode("\n\n"))
 
+    def _grammar_backend(self) -> GrammarBackend | None:
+        """Structured outputs over this tokenizer and the model's vocabulary (its logits' width)."""
+        tok = self.tokenizer
+        if tok is None:
+            return None
+        eos = self.eos_token_ids()
+        return GrammarBackend(
+            tok.backend.to_str(), self.model.config.vocab_size, eos, tok.token_to_id("<think>")
+        )
+
     def _require_tokenizer(self, what: str) -> Tokenizer:
         if self.tokenizer is None:
             raise ValueError(f"{what} needs a tokenizer; this LLM was made with skip_tokenizer_init=True")
@@ -290,22 +303,24 @@ class LLM:
     def generate(
         self,
         prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
-        sampling: SamplingParams | None = None,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        """Complete each prompt (text, or token ids) and return the outputs in prompt order."""
+        """Complete each prompt (text, or token ids) and return the outputs in prompt order.
+
+        ``sampling`` is one SamplingParams for every prompt, or one per prompt (as vLLM takes them)."""
         batch = _as_prompt_list(prompts)
-        sampling = sampling or self.default_sampling_params()
+        params = _per_prompt(sampling, len(batch), self.default_sampling_params)
         ids = [
             self._require_tokenizer("a text prompt").encode(p) if isinstance(p, str) else list(p)
             for p in batch
         ]
-        return self._run([ChatRequest(i, sampling, None, False) for i in ids], use_tqdm)
+        return self._run([ChatRequest(i, p, None, False) for i, p in zip(ids, params, strict=True)], use_tqdm)
 
     def chat(
         self,
         conversations: Conversation | Sequence[Conversation],
-        sampling: SamplingParams | None = None,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
         enable_thinking: bool = True,
         thinking_budget: int | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
@@ -318,7 +333,9 @@ class LLM:
         """Answer one conversation (returns a ChatOutput) or a list of them (returns a list).
 
         ``thinking_budget`` caps the tokens spent inside ``<think>``; 0 means non-thinking mode.
-        Without ``sampling``, Qwen3's recommended settings for the mode are used. ``chat_template``
+        Without ``sampling``, Qwen3's recommended settings for the mode are used; a list gives one per
+        conversation. ``SamplingParams(structured_outputs=...)`` holds the answer to a schema, regex, choice
+        or grammar, applied after the reasoning (see :mod:`qwen3.structured`). ``chat_template``
         replaces the checkpoint's template; ``template_kwargs`` become template variables.
         ``answer_prefix`` forces the start of the answer and ``plain_text_messages`` encodes control tokens
         in the messages as text (see :meth:`prepare_chat`).
@@ -332,8 +349,10 @@ class LLM:
             template_vars=template_kwargs,
             plain_text_messages=plain_text_messages,
         )
+        params = _per_prompt(sampling, len(convs), lambda: None)
         requests = [
-            self.prepare_chat(c, sampling, enable_thinking, thinking_budget, **options) for c in convs
+            self.prepare_chat(c, p, enable_thinking, thinking_budget, **options)
+            for c, p in zip(convs, params, strict=True)
         ]
         results = self._run(requests, use_tqdm)
         outputs = [self._chat_output(res, req) for res, req in zip(results, requests, strict=True)]
@@ -407,7 +426,7 @@ class LLM:
             else:
                 prompt, parse_prefix = prompt + answer_prefix, answer_prefix
         encode = tokenizer.encode_rendered if plain_text_messages else tokenizer.encode
-        return ChatRequest(encode(prompt), sampling, budget, started, prefix_ids, parse_prefix)
+        return ChatRequest(encode(prompt), sampling, budget, started, prefix_ids, parse_prefix, thinking)
 
     def _chat_output(self, result: RequestOutput, request: ChatRequest) -> ChatOutput:
         started = request.reasoning_started
@@ -445,7 +464,7 @@ class LLM:
                     )
                     engine.add_request(
                         seq_id, job.prompt_token_ids, seq_params, job.thinking_budget, job.reasoning_started,
-                        job.answer_prefix_ids,
+                        job.answer_prefix_ids, job.thinking,
                     )  # fmt: skip
                     seq_ids.append(seq_id)
                 order.append((request_id, seq_ids))
@@ -502,6 +521,16 @@ def _as_prompt_list(prompts: Any) -> list[str | list[int]]:
     if prompts and isinstance(prompts[0], int):
         return [prompts]
     return prompts
+
+
+def _per_prompt(sampling: Any, count: int, default: Any) -> list[Any]:
+    """``sampling`` as one entry per prompt: a list as given (its length checked), else repeated."""
+    if isinstance(sampling, Sequence):
+        if len(sampling) != count:
+            raise ValueError(f"sampling: {len(sampling)} SamplingParams for {count} prompts")
+        return list(sampling)
+    sampling = sampling if sampling is not None else default()
+    return [sampling] * count
 
 
 def _plain_message(tokenizer: Tokenizer, message: Any) -> Any:

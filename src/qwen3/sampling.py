@@ -25,6 +25,7 @@ import torch
 
 from qwen3.device import index_tensor
 from qwen3.hub import read_json
+from qwen3.structured import StructuredOutputs
 
 # Per-request bounds, so that no request's stop matching can slow a step for everyone (the holdback scans
 # every stop string against the text's tail each step).
@@ -75,6 +76,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives to return with each token's logprob
     n: int = 1
     ignore_eos: bool = False
+    structured_outputs: StructuredOutputs | None = None  # what the answer must match (qwen3.structured)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -120,6 +122,11 @@ class SamplingParams:
             ),
             ("stop_token_ids", all(_is(t, int) for t in self.stop_token_ids), "must be integers"),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "must be true or false"),
+            (
+                "structured_outputs",
+                self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
+                "must be a qwen3.StructuredOutputs",
+            ),
         ]
         for name, ok, message in checks:
             if not ok:
@@ -195,6 +202,8 @@ class SamplingBatch:
     presence: torch.Tensor | None = None  # [len(penalty_rows)] float32, and the two below
     frequency: torch.Tensor | None = None
     repetition: torch.Tensor | None = None
+    allowed_rows: list[int] = field(default_factory=list)  # rows held to a grammar (qwen3.structured)
+    allowed: torch.Tensor | None = None  # [len(allowed_rows), vocab] bool: the tokens those rows may take
 
 
 @dataclass
@@ -221,6 +230,17 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         rp = batch.repetition[:, None]
         sub = torch.where(seen, torch.where(sub > 0, sub / rp, sub * rp), sub)
     sub = sub - batch.frequency[:, None] * counts - batch.presence[:, None] * generated.to(sub.dtype)
+    return logits.index_copy(0, index, sub)
+
+
+def apply_allowed(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Tokens outside a constrained row's allowed set become -inf (the other rows are untouched)."""
+    rows = batch.allowed_rows
+    if not rows:
+        return logits
+    index = index_tensor(rows, logits.device)
+    allowed = batch.allowed.to(logits.device, non_blocking=True)
+    sub = torch.where(allowed, logits.index_select(0, index), float("-inf"))
     return logits.index_copy(0, index, sub)
 
 
@@ -260,6 +280,8 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
         logits = apply_penalties(logits.float(), batch)
+        raw = logits  # logprobs are the model's (after penalties), not the grammar's: never -inf for a choice
+        logits = apply_allowed(logits, batch)
         params = batch.params
         tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
@@ -273,7 +295,7 @@ class Sampler:
         for k, rows in groups.items():
             tokens[index_tensor(rows, logits.device)] = self._sample(logits, rows, k, batch)
         token_ids = tokens.tolist()
-        return SampleResult(token_ids, self._logprobs(logits, params, token_ids))
+        return SampleResult(token_ids, self._logprobs(raw, params, token_ids))
 
     @staticmethod
     def _sample(logits: torch.Tensor, rows: list[int], k: int, batch: SamplingBatch) -> torch.Tensor:

@@ -3,7 +3,8 @@
 ``step()`` schedules, runs the model once on every scheduled token, samples one token for each
 sequence whose pending tokens are all computed, then applies the per-request rules that live at the
 token level: thinking budget (insert the stop-thinking ids), eos and stop token ids, ``max_tokens`` and
-``max_model_len``. Detokenization, stop strings, output parsing and usage belong to the front end
+``max_model_len``, and a structured request's grammar (its masks are filled while the model runs and
+applied before sampling; see :mod:`qwen3.structured`). Detokenization, stop strings, output parsing and usage belong to the front end
 (:mod:`qwen3.output_processor`, used by ``LLM`` and ``AsyncLLM``), which aborts a request when its text
 hits a stop string.
 
@@ -28,6 +29,7 @@ from qwen3.engine.scheduler import Scheduler
 from qwen3.engine.sequence import Sequence, ThinkingBudget
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.sampling import Sampler, SampleResult, SamplingParams
+from qwen3.structured import GrammarBackend, GrammarError, Phase
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class EngineConfig:
     thinking: ThinkingTokens | None = None
     attention_backend: str | None = None  # "kernel", "torch", or None: the best that runs here
     batch_invariant: bool = False  # the torch path too (the CPU kernels always are): fixed-shape steps
+    grammars: GrammarBackend | None = None  # structured outputs (needs the tokenizer; absent without one)
 
 
 @dataclass
@@ -156,6 +159,15 @@ class LLMEngine:
                 )
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise RequestError("stop_token_ids", f"has token ids outside [0, {vocab})")
+        if params.structured_outputs is not None:
+            if self.config.grammars is None:
+                raise RequestError("structured_outputs", "needs a tokenizer (this engine has none)")
+            if answer_prefix_ids:
+                raise RequestError("structured_outputs", "cannot be combined with an answer prefix")
+            try:
+                self.config.grammars.compile(params.structured_outputs)
+            except GrammarError as exc:
+                raise RequestError("structured_outputs", str(exc).partition(": ")[2]) from None
 
     def add_request(
         self,
@@ -165,6 +177,7 @@ class LLMEngine:
         thinking_budget: int | None = None,
         reasoning_started: bool = False,
         answer_prefix_ids: list[int] | None = None,
+        thinking: bool = False,
     ) -> None:
         """Queue a request. ``reasoning_started``: the prompt already opened ``<think>``.
 
@@ -173,6 +186,9 @@ class LLMEngine:
         ends (after ``</think>\\n\\n``, whether the model closed its thinking or the budget did), so the
         answer is forced to begin with them — how a server makes a thinking model call a tool without
         cutting its thinking short.
+
+        ``thinking``: the model may reason before it answers (thinking mode), so a ``structured_outputs``
+        constraint applies from the end of the reasoning; otherwise from the first token.
         """
         if request_id in self.requests:
             raise RequestError("request_id", f"{request_id!r} is already running")
@@ -183,7 +199,11 @@ class LLMEngine:
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
         tokens = self.config.thinking
-        if (thinking_budget is not None or answer_prefix_ids) and tokens is not None:
+        constrained = params.structured_outputs is not None
+        thinking = (thinking or reasoning_started) and tokens is not None
+        if (
+            thinking_budget is not None or answer_prefix_ids or constrained and thinking
+        ) and tokens is not None:
             seq.thinking = ThinkingBudget(thinking_budget, tokens.think_start_id, tokens.think_end_id)
             seq.thinking.inside = reasoning_started
             inserted = self.admission_insert(thinking_budget, reasoning_started, answer_prefix_ids)
@@ -191,6 +211,11 @@ class LLMEngine:
                 seq.thinking.close()
                 seq.token_ids.extend(inserted)
                 self.pending_inserted[request_id] = inserted
+        if constrained:
+            reasoning = thinking and not seq.thinking.finished
+            seq.grammar = self.config.grammars.new_state(
+                params.structured_outputs, reasoning, reasoning_started
+            )
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 
@@ -240,9 +265,22 @@ class LLMEngine:
         """Run the model and sample. Changes nothing a retry could see: on failure the seeded generators
         are rewound (cache slots written by the failed run are rewritten by the retry)."""
         states = [(s.generator, s.generator.get_state()) for s, _ in scheduled if s.generator is not None]
+        constrained = [
+            s for s, n in scheduled if s.grammar is not None and s.num_computed + n == s.num_tokens
+        ]
         try:
-            sampled, logits = self.runner.run(scheduled)
-            result = self.sampler(logits, self.runner.batch.sampling_batch(sampled)) if sampled else None
+            masks = (
+                self.config.grammars.start_masks([s.grammar for s in constrained]) if constrained else None
+            )
+            sampled, logits = self.runner.run(scheduled)  # the masks are filled meanwhile
+            result = None
+            if sampled:
+                batch = self.runner.batch.sampling_batch(sampled)
+                if masks is not None:
+                    order = {seq: i for i, seq in enumerate(sampled)}
+                    batch.allowed_rows = [order[s] for s in constrained]
+                    batch.allowed = masks.result()
+                result = self.sampler(logits, batch)
         except Exception as exc:
             for generator, state in states:
                 generator.set_state(state)
@@ -274,24 +312,23 @@ class LLMEngine:
         new_ids = self.pending_inserted.pop(seq.request_id, []) + [token]
         logprobs = [None] * (len(new_ids) - 1) + [logprob]
         inserted: list[int] = []
-        finish = None
+        finish = error = None
+        grammar = seq.grammar
         if token in self.config.eos_token_ids and not params.ignore_eos:
             finish = "stop"
         elif token in params.stop_token_ids:
             finish, seq.stop_reason = "stop", token
+        elif grammar is not None and grammar.phase is Phase.OPEN and token != grammar.think_start_id:
+            grammar.start_answer()  # the model answers without reasoning: the grammar holds from here
+            seq.thinking.close()
         elif seq.thinking is not None and not seq.thinking.finished:
-            tokens = self.config.thinking
-            if seq.thinking.observe(token):  # the budget is spent: close the reasoning ourselves
-                seq.thinking.close()
-                inserted = tokens.stop_thinking_ids + seq.answer_prefix_ids
-            elif seq.thinking.finished and seq.answer_prefix_ids:  # the model closed it
-                inserted = tokens.gap_ids + seq.answer_prefix_ids
-            inserted = inserted[
-                : max(self.config.max_model_len - seq.num_tokens, 0)
-            ]  # never past the context
-            if inserted:
-                seq.token_ids.extend(inserted)
-                self.runner.batch.record([seq], [inserted])
+            inserted = self._reasoning(seq, token)
+            grammar = None  # a reasoning token is not the grammar's
+        if finish is None and grammar is not None and not grammar.consume(token):
+            finish, error = (
+                "error",
+                f"structured_outputs: the grammar rejected token {token}: {grammar.error}",
+            )
         if finish is None and (
             params.max_tokens is not None
             and seq.num_output_tokens >= params.max_tokens
@@ -300,11 +337,31 @@ class LLMEngine:
             finish = "length"
         output = EngineOutput(
             seq.request_id, new_ids + inserted, finish is not None, finish, seq.stop_reason,
-            logprobs + [None] * len(inserted), new_ids[:-1] + inserted,
+            logprobs + [None] * len(inserted), new_ids[:-1] + inserted, error,
         )  # fmt: skip
         if finish is not None:
             self._finish(seq, finish, now, output)
         return output
+
+    def _reasoning(self, seq: Sequence, token: int) -> list[int]:
+        """Track a token of the reasoning; the ids to insert after it (the stop-thinking text when the
+        budget is spent; the blank line and answer prefix when the model closed it and one is due)."""
+        tokens, grammar = self.config.thinking, seq.grammar
+        inserted: list[int] = []
+        if seq.thinking.observe(token):  # the budget is spent: close the reasoning ourselves
+            seq.thinking.close()
+            inserted = tokens.stop_thinking_ids + seq.answer_prefix_ids
+        elif seq.thinking.finished and (seq.answer_prefix_ids or grammar is not None):  # the model closed it
+            inserted = tokens.gap_ids + seq.answer_prefix_ids
+        inserted = inserted[: max(self.config.max_model_len - seq.num_tokens, 0)]  # never past the context
+        if inserted:
+            seq.token_ids.extend(inserted)
+            self.runner.batch.record([seq], [inserted])
+        if grammar is not None and seq.thinking.finished:
+            grammar.start_answer()
+        elif grammar is not None and seq.thinking.inside:
+            grammar.phase = Phase.THINKING
+        return inserted
 
     def _fail(self, seq: Sequence, error: str) -> EngineOutput:
         output = EngineOutput(seq.request_id, [], True, "error", error=error)

@@ -9,6 +9,7 @@ from enum import Enum
 import torch
 
 from qwen3.sampling import SamplingParams
+from qwen3.structured import GrammarState
 
 
 class Status(Enum):
@@ -76,6 +77,7 @@ class Sequence:
     generator: torch.Generator | None = None  # the request's own random stream (seeded requests)
     thinking: ThinkingBudget | None = None
     answer_prefix_ids: list[int] = field(default_factory=list)  # inserted where the reasoning ends
+    grammar: GrammarState | None = None  # the answer's constraint (structured outputs)
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None

@@ -6,9 +6,11 @@ SGLang accept it (``chat_template_kwargs.enable_thinking``) plus a ``thinking_bu
 non-thinking); sampling fields the client leaves out take Qwen3's recommended values for the mode.
 
 ``tool_choice``: ``auto`` renders the tools and lets the model decide; ``none`` renders no tools;
-``required`` forces the answer to start with ``<tool_call>``, and a named function with
-``<tool_call>\\n{"name": "NAME", "arguments": ``, so the model writes only the arguments. In thinking mode
-the model first thinks as usual and the engine inserts that prefix right after ``</think>``.
+``required`` holds the answer to one or more calls in Qwen3's ``<tool_call>`` format, a named function to
+calls of that function, their arguments valid against its ``parameters``; with ``auto`` and a tool marked
+``strict``, a call the model starts is completed validly. ``response_format`` and vLLM's
+``structured_outputs`` (and ``guided_*``) hold the answer to a schema, regex, choice or grammar. All of it
+is a grammar (:mod:`qwen3.structured`) that applies after the reasoning: the model thinks freely first.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from qwen3.chat import check_template_variables, parse_output
 from qwen3.jinja_sandbox import RenderLimits, TemplateLimitError
 from qwen3.llm import ChatRequest
 from qwen3.server.errors import APIError
-from qwen3.server.protocol import ChatCompletionRequest, NamedToolChoice, tool_call_prefix
+from qwen3.server.protocol import ChatCompletionRequest, NamedToolChoice
 from qwen3.server.serving import (
     SSE_DONE,
     ServerState,
@@ -37,6 +39,7 @@ from qwen3.server.serving import (
     new_id,
     sse,
 )
+from qwen3.structured import GrammarError, StructuredOutputs, check_tool_parameters, tool_call_grammar
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +62,10 @@ def prepare(state: ServerState, body: ChatCompletionRequest) -> ChatRequest:
         except ValueError as exc:
             name = f"chat_template_kwargs.{key}"
             raise APIError(400, f"chat_template_kwargs: {exc}", param=name) from None
-    tools, prefix = _tools(body)
+    tools, constraint, where = _constraint(body)
     defaults = llm.recommended_sampling(messages, enable_thinking, body.thinking_budget)
     params = state.sampling(defaults, body.sampling_overrides(), body.param_name)
+    params = params.replace(structured_outputs=constraint)
     config = state.config
     try:
         request = llm.prepare_chat(
@@ -71,7 +75,6 @@ def prepare(state: ServerState, body: ChatCompletionRequest) -> ChatRequest:
             body.thinking_budget,
             tools,
             config.chat_template,
-            prefix,
             template_vars=template_vars,
             plain_text_messages=config.plain_text_messages,
             render_limits=RenderLimits(
@@ -83,26 +86,46 @@ def prepare(state: ServerState, body: ChatCompletionRequest) -> ChatRequest:
         raise APIError(400, f"messages: {exc}", param="messages", code="template_limit") from None
     except (ValueError, jinja2.TemplateError) as exc:
         raise APIError(400, f"messages: {exc}", param="messages") from None
-    state.check_prompt(request.prompt_token_ids, params, "messages", body.param_name, request)
+
+    def param_name(field: str) -> str:
+        return where if field == "structured_outputs" else body.param_name(field)
+
+    state.check_prompt(request.prompt_token_ids, params, "messages", param_name, request)
     return request
 
 
-def _tools(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, str]:
-    """The tools to render and the answer prefix that ``tool_choice`` asks for."""
+def _constraint(
+    body: ChatCompletionRequest,
+) -> tuple[list[dict[str, Any]] | None, StructuredOutputs | None, str]:
+    """The tools to render, the answer's constraint (from ``tool_choice`` and strict tools, or from the
+    answer-format fields) and the field it came from; a 400 naming the field for anything invalid."""
+    try:
+        answer, where = body.constraint()
+    except GrammarError as exc:
+        raise APIError(400, str(exc), param=exc.field) from None
     choice = body.tool_choice
-    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
-    if choice in (None, "auto"):
-        return tools, ""
-    if choice == "none":
-        return None, ""
-    if not tools:
-        raise APIError(400, "tool_choice: forcing a tool call needs tools", param="tool_choice")
+    tools = [tool.model_dump(exclude_none=True, by_alias=True) for tool in body.tools] if body.tools else None
+    if choice == "none" or not tools:
+        if choice not in (None, "auto", "none"):
+            raise APIError(400, "tool_choice: forcing a tool call needs tools", param="tool_choice")
+        return (None if choice == "none" else tools), answer, where
+    calls = tools
     if isinstance(choice, NamedToolChoice):
-        names = [tool["function"]["name"] for tool in tools]
-        if choice.function.name not in names:
+        calls = [tool for tool in tools if tool["function"]["name"] == choice.function.name]
+        if not calls:
             param = "tool_choice.function.name"
             raise APIError(400, f"{param}: {choice.function.name!r} is not one of the tools", param=param)
-    return tools, tool_call_prefix(choice)
+    forced = choice not in (None, "auto")
+    if not forced and not any(tool["function"].get("strict") for tool in tools):
+        return tools, answer, where
+    if answer is not None:
+        why = "a forced tool_choice" if forced else "strict tools"
+        raise APIError(400, f"{where}: cannot be combined with {why}", param=where)
+    try:
+        check_tool_parameters(tools)
+    except GrammarError as exc:
+        raise APIError(400, str(exc), param=exc.field) from None
+    return tools, tool_call_grammar(calls, "required" if forced else "auto"), "tools"
 
 
 def _streams(

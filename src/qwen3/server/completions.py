@@ -1,7 +1,8 @@
 """``POST /v1/completions``: raw prompts (text or token ids, one or many) continued without a chat template.
 
 Sampling starts from the checkpoint's generation_config and takes the client's fields on top; like
-OpenAI's legacy endpoint, ``max_tokens`` defaults to 16. Choice ``p * n + i`` is choice ``i`` of prompt ``p``.
+OpenAI's legacy endpoint, ``max_tokens`` defaults to 16. ``response_format``, ``structured_outputs`` and
+``guided_*`` constrain the continuation from its first token (no chat, so no reasoning to leave free). Choice ``p * n + i`` is choice ``i`` of prompt ``p``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from qwen3.server.serving import (
     new_id,
     sse,
 )
+from qwen3.structured import GrammarError
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +34,11 @@ logger = logging.getLogger(__name__)
 def prepare(state: ServerState, body: CompletionRequest) -> tuple[list[list[int]], SamplingParams]:
     """Tokenise the prompts and pick sampling; a bad field is a 400 naming it."""
     llm = state.llm
-    overrides = {**body.sampling_overrides(), "n": body.n}
+    try:
+        constraint, where = body.constraint()
+    except GrammarError as exc:
+        raise APIError(400, str(exc), param=exc.field) from None
+    overrides = {**body.sampling_overrides(), "n": body.n, "structured_outputs": constraint}
     params = state.sampling(llm.default_sampling_params(), overrides, body.param_name)
     prompts = []
     for i, prompt in enumerate(body.prompts()):
@@ -41,8 +47,12 @@ def prepare(state: ServerState, body: CompletionRequest) -> tuple[list[list[int]
         except ValueError as exc:
             name = "prompt" if len(body.prompts()) == 1 else f"prompt[{i}]"
             raise APIError(400, f"{name}: {exc}", param=name) from None
+
+    def param_name(field: str) -> str:
+        return where if field == "structured_outputs" else body.param_name(field)
+
     for i, ids in enumerate(prompts):
-        state.check_prompt(ids, params, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
+        state.check_prompt(ids, params, "prompt" if len(prompts) == 1 else f"prompt[{i}]", param_name)
     return prompts, params
 
 

@@ -9,10 +9,11 @@ client used (``param_name``).
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from qwen3.structured import GrammarError, StructuredOutputs
 
 # OpenAI's tool-name rule, plus "." which some agent frameworks use for namespaces.
 TOOL_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -110,6 +111,44 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Body):
+    name: str = Field(default="response", min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's ``response_format``: plain text, any JSON object, or JSON valid against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("type json_schema needs json_schema.schema")
+        return self
+
+
+class StructuredOutputsBody(_Body):
+    """vLLM's ``structured_outputs`` field: exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: Any = None
+
+    @field_validator("structural_tag")
+    @classmethod
+    def _no_structural_tag(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError("structural_tag is not supported; use json, regex, choice or grammar")
+        return value
+
+
 class _CommonFields(_Body):
     """Fields both endpoints share; a sampling field left None was not given (the default applies)."""
 
@@ -129,6 +168,45 @@ class _CommonFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     model: str | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs, and vLLM's older names.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def constraint(self) -> tuple[StructuredOutputs | None, str]:
+        """The answer's constraint and the field it came from; a 400 (ValueError) if several are given."""
+        given: list[tuple[str, dict[str, Any]]] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            given.append(("response_format", {"json_object": True}))
+        elif fmt is not None and fmt.type == "json_schema":
+            given.append(("response_format.json_schema.schema", {"json": fmt.json_schema.schema_}))
+        if self.structured_outputs is not None:
+            body = self.structured_outputs
+            values = {
+                "json": body.json_, "regex": body.regex, "choice": body.choice, "grammar": body.grammar,
+                "json_object": body.json_object or False,
+            }  # fmt: skip
+            given.append(("structured_outputs", values))
+        for kind in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{kind}")
+            if value is not None:
+                given.append((f"guided_{kind}", {kind: value}))
+        if not given:
+            return None, ""
+        if len(given) > 1:
+            names = ", ".join(name for name, _ in given)
+            raise GrammarError(given[1][0], f"give one constraint, not several ({names})")
+        param, values = given[0]
+        try:
+            return StructuredOutputs(**values), param
+        except GrammarError as exc:
+            nested = param == "structured_outputs" and exc.field != "structured_outputs"
+            inner = f"structured_outputs.{exc.field}" if nested else param
+            raise GrammarError(inner, str(exc).partition(": ")[2]) from None
 
     def sampling_overrides(self) -> dict[str, Any]:
         """The given fields as :class:`qwen3.SamplingParams` keyword arguments (``n`` is the server's)."""
@@ -221,12 +299,3 @@ class CompletionRequest(_CommonFields):
 
     def param_name(self, sampling_field: str) -> str:
         return sampling_field
-
-
-def tool_call_prefix(tool_choice: str | NamedToolChoice | None) -> str:
-    """The answer text that forces a tool call: ``<tool_call>`` for ``required``, plus the name for a
-    named function (the model then writes only the arguments), "" otherwise."""
-    if isinstance(tool_choice, NamedToolChoice):
-        name = json.dumps(tool_choice.function.name, ensure_ascii=False)
-        return f'<tool_call>\n{{"name": {name}, "arguments": '
-    return "<tool_call>\n" if tool_choice == "required" else ""

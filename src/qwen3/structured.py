@@ -1,0 +1,369 @@
+"""Structured outputs: answers held to a JSON schema, a regex, a list of choices or a grammar.
+
+A thinking model must be free while it reasons and constrained only once it answers; a grammar applied
+from the first token forbids the reasoning (the failure ../shared/spec/structured_outputs.md lists for
+several peers). Each constrained sequence therefore carries a :class:`GrammarState` in one of three
+phases, which the engine moves on as tokens arrive:
+
+- ``OPEN`` (thinking mode, before the model wrote anything): the grammar's tokens or ``<think>``, so a
+  model that answers at once is constrained from its first token and one that thinks may open its block;
+- ``THINKING`` (inside ``<think>``): every token but end-of-sequence: the reasoning is free, and the reply
+  cannot end before it has an answer;
+- ``ANSWER`` (from the token after ``</think>`` and the blank line that follows it, however the reasoning
+  ended: by the model, the thinking budget, or at admission; in non-thinking mode from the first token):
+  the grammar's tokens only, end-of-sequence only where the grammar accepts.
+
+The grammar work is llguidance's (no dependencies, about 1 ms to compile a schema, masks in tens of
+microseconds): a request's constraint is compiled once per distinct source (a bounded cache keyed by its
+digest), each sequence gets a copy of the compiled matcher, and a step fills the masks of its constrained
+rows on a worker thread while the model runs (llguidance releases the GIL), then applies them in one
+``torch.where`` before sampling. Rows without a constraint cost nothing; a row's mask depends on its own
+tokens only, so batch invariance and seeded sampling hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import llguidance
+import numpy
+import torch
+from llguidance.gbnf_to_lark import gbnf_to_lark
+
+# Bounds on one request's constraint (the server's body limit is the outer one).
+MAX_SOURCE_CHARS = 256 * 2**10  # a schema's JSON text, a regex or a grammar
+MAX_CHOICES = 1024
+# The compiled-grammar cache: entries and the characters of their sources, whichever fills first.
+CACHE_ENTRIES = 512
+CACHE_SOURCE_CHARS = 16 * 2**20
+# JSON is written in one canonical layout (json.dumps's, and the one Qwen3's template writes tool-call
+# arguments in): no free whitespace, so a model cannot spend its tokens on indentation (llguidance reads
+# these options from the schema's "x-guidance" key).
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+class GrammarError(ValueError):
+    """A constraint that cannot be compiled; ``field`` names which part (``json``, ``regex``, ...)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """What the answer must match: exactly one of ``json`` (a JSON schema, as a dict or its text),
+    ``regex``, ``choice`` (one of these strings), ``grammar`` (Lark in llguidance's dialect, or GBNF as
+    llama.cpp writes it) or ``json_object`` (any JSON object). vLLM's ``StructuredOutputsParams`` names.
+    """
+
+    json: Mapping[str, Any] | str | bool | None = None
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        given = [kind for kind in _KINDS if getattr(self, kind) not in (None, False)]
+        if len(given) != 1:
+            raise GrammarError(
+                "structured_outputs", f"give exactly one of {', '.join(_KINDS)} (got {given or 'none'})"
+            )
+        if self.choice is not None:
+            choice = self.choice
+            if isinstance(choice, (str, bytes, Mapping)) or not isinstance(choice, Sequence):
+                raise GrammarError("choice", "must be a list of strings")
+            if not choice or len(choice) > MAX_CHOICES:
+                raise GrammarError("choice", f"must hold 1 to {MAX_CHOICES} strings, got {len(choice)}")
+            if not all(isinstance(c, str) and c for c in choice):
+                raise GrammarError("choice", "must hold non-empty strings")
+            object.__setattr__(self, "choice", tuple(choice))
+        for kind in ("regex", "grammar"):
+            value = getattr(self, kind)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise GrammarError(kind, "must be a non-empty string")
+        if self.json is not None and not isinstance(self.json, (Mapping, str, bool)):
+            raise GrammarError("json", f"must be a JSON schema (an object), got {type(self.json).__name__}")
+        if not isinstance(self.json_object, bool):
+            raise GrammarError("json_object", "must be true or false")
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in _KINDS if getattr(self, kind) not in (None, False))
+
+    def source(self) -> str:
+        """The constraint as llguidance grammar text (what is compiled and what the cache is keyed by)."""
+        kind = self.kind
+        if kind == "json" or kind == "json_object":
+            schema = {"type": "object"} if kind == "json_object" else self.json
+            if isinstance(schema, str):
+                _check_size("json", schema)
+                try:
+                    schema = json.loads(schema)
+                except json.JSONDecodeError as exc:
+                    raise GrammarError("json", f"is not valid JSON: {exc}") from None
+            if not isinstance(schema, (Mapping, bool)):
+                raise GrammarError("json", "must be a JSON schema (an object)")
+            if isinstance(schema, Mapping):
+                schema = {**closed_objects(schema), "x-guidance": JSON_OPTIONS}
+            text = json.dumps(schema, ensure_ascii=False)
+            _check_size("json", text)
+            # One newline may follow the value: tokens such as '"}}\n' end a JSON text in Qwen3's
+            # vocabulary, and a grammar that stopped at '}' would forbid the token the model wants.
+            return llguidance.LLMatcher.grammar_from_lark(
+                f'%llguidance {{}}\nstart: value "\\n"?\nvalue: %json {text}'
+            )
+        if kind == "regex":
+            _check_size("regex", self.regex)
+            return llguidance.LLMatcher.grammar_from_regex(self.regex)
+        if kind == "choice":
+            text = "start: " + " | ".join(_literal(c) for c in self.choice)
+            _check_size("choice", text)
+            return llguidance.LLMatcher.grammar_from_lark(text)
+        _check_size("grammar", self.grammar)
+        grammar = self.grammar
+        if "::=" in grammar:  # GBNF (llama.cpp's): llguidance translates it to its Lark dialect
+            try:
+                grammar = gbnf_to_lark(grammar)
+            except Exception as exc:  # its translator raises plain exceptions on bad input
+                raise GrammarError("grammar", f"is not valid GBNF: {exc}") from None
+        return llguidance.LLMatcher.grammar_from_lark(grammar)
+
+    def replace(self, **changes: Any) -> StructuredOutputs:
+        return dataclasses.replace(self, **changes)
+
+
+# Keywords whose value is a schema, a list of schemas, or a map from names to schemas.
+_SCHEMA_KEYS = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` wherever an object lists its ``properties`` and says
+    nothing of others: vLLM's default (xgrammar's strict mode), and what OpenAI's strict mode requires.
+    Without it a model may append keys without end. An answer valid here is valid against ``schema``.
+    ``allOf`` branches are left as they are (closing each would forbid the others' properties)."""
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_KEYS:
+        if key in out:
+            out[key] = closed_objects(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(s) for s in out[key]]
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), Mapping):
+            out[key] = {name: closed_objects(s) for name, s in out[key].items()}
+    open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf")
+    if isinstance(out.get("properties"), Mapping) and not any(k in out for k in open_keys):
+        out["additionalProperties"] = False
+    return out
+
+
+def _literal(text: str) -> str:
+    """A Lark string literal matching ``text`` exactly (llguidance reads JSON string escapes)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _check_size(field_name: str, text: str) -> None:
+    if len(text) > MAX_SOURCE_CHARS:
+        raise GrammarError(field_name, f"is {len(text)} characters; at most {MAX_SOURCE_CHARS} are accepted")
+
+
+# ------------------------------------------------------------------------------------------ tool calls
+
+
+def _tool_call_rule(tool: Mapping[str, Any]) -> str:
+    """One call in Qwen3's format, ``<tool_call>\\n{"name": NAME, "arguments": ARGS}\\n</tool_call>``, with
+    ARGS held to the function's ``parameters`` (any object when it has none)."""
+    function = tool.get("function", tool)
+    schema = function.get("parameters") or {"type": "object"}
+    head = '\n{"name": ' + json.dumps(function["name"], ensure_ascii=False) + ', "arguments": '
+    arguments = json.dumps(schema, ensure_ascii=False)
+    return f"<tool_call> {_literal(head)} %json {arguments} {_literal('}' + chr(10))} </tool_call>"
+
+
+def tool_call_grammar(tools: Sequence[Mapping[str, Any]], mode: str) -> StructuredOutputs:
+    """The constraint for tool calls in OpenAI's ``tools`` format (``{"type": "function", "function":
+    {...}}``): ``mode`` "required" (the answer is one or more calls to any of ``tools``) or "auto" (free
+    text, and any call the model starts is completed validly). For a named ``tool_choice``, pass the one
+    tool with "required"."""
+    if mode not in ("required", "auto"):
+        raise ValueError(f"mode must be 'required' or 'auto', got {mode!r}")
+    rules = [f"call_{i}: {_tool_call_rule(tool)}" for i, tool in enumerate(tools)]
+    calls = " | ".join(f"call_{i}" for i in range(len(tools)))
+    header = f"%llguidance {{}}\ncall: {calls}\n" + "\n".join(rules) + "\n"
+    if mode == "required":
+        start = 'start: call ("\\n" call)*\n'
+    else:  # text in which calls may appear, as StructTag writes it with a special-token trigger
+        start = "start: (TEXT call)* TEXT\nTEXT: /(.|\\n)*/\n"
+    return StructuredOutputs(grammar=header + start)
+
+
+def check_tool_parameters(tools: Sequence[Mapping[str, Any]]) -> None:
+    """Raise :class:`GrammarError` naming ``tools[i].function.parameters`` for a schema that cannot be
+    compiled, so a 400 says which tool is wrong."""
+    for i, tool in enumerate(tools):
+        parameters = tool.get("function", tool).get("parameters")
+        if parameters is not None:
+            source = StructuredOutputs(json=parameters).source()
+            error = llguidance.LLMatcher.validate_grammar(source)
+            if error:
+                raise GrammarError(f"tools[{i}].function.parameters", _short(error))
+
+
+def _short(error: str) -> str:
+    """llguidance's error without the parser dump it may append."""
+    return error.split("\n<state>")[0].strip()[:500]
+
+
+# --------------------------------------------------------------------------------------- per sequence
+
+
+class Phase(Enum):
+    OPEN = "open"
+    THINKING = "thinking"
+    ANSWER = "answer"
+
+
+class GrammarState:
+    """One sequence's constraint (see the module docstring for the phases)."""
+
+    def __init__(
+        self, matcher: llguidance.LLMatcher, phase: Phase, think_start_id: int | None, eos_ids: list[int]
+    ) -> None:
+        self.matcher = matcher
+        self.phase = phase
+        self.think_start_id = think_start_id
+        self.eos_ids = eos_ids
+
+    def fill(self, words: numpy.ndarray, allowed: numpy.ndarray) -> None:
+        """Write the tokens this sequence may sample next into ``allowed`` (a bool row of the vocabulary);
+        ``words`` is scratch for llguidance's packed mask."""
+        if self.phase is Phase.THINKING:
+            allowed[:] = True
+            allowed[self.eos_ids] = False
+            return
+        self.matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+        if self.matcher.is_error():
+            raise GrammarError("structured_outputs", _short(self.matcher.get_error()))
+        bits = numpy.unpackbits(words.view(numpy.uint8), bitorder="little")
+        allowed[:] = bits[: len(allowed)].view(bool)
+        if self.phase is Phase.OPEN and self.think_start_id is not None:
+            allowed[self.think_start_id] = True
+
+    def consume(self, token_id: int) -> bool:
+        """Advance the grammar by one answer token; False if the grammar rejects it."""
+        return self.matcher.consume_token(token_id)
+
+    def start_answer(self) -> None:
+        """The reasoning is over (and its closing blank line written): the grammar applies from now on."""
+        self.phase = Phase.ANSWER
+
+    @property
+    def error(self) -> str:
+        return _short(self.matcher.get_error()) if self.matcher.is_error() else ""
+
+
+# ------------------------------------------------------------------------------------------ the backend
+
+
+class GrammarBackend:
+    """Compiles constraints for one tokenizer and vocabulary, caches them, and fills a step's masks.
+
+    Thread-safe: the server checks requests on worker threads while the engine steps.
+    """
+
+    def __init__(
+        self, tokenizer_json: str, vocab_size: int, eos_ids: Sequence[int], think_start_id: int | None
+    ) -> None:
+        self._tokenizer_json = tokenizer_json
+        self.vocab_size = vocab_size
+        self.eos_ids = sorted(eos_ids)
+        self.think_start_id = think_start_id
+        self._tokenizer: llguidance.LLTokenizer | None = None
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[bytes, tuple[llguidance.LLMatcher, int]] = OrderedDict()
+        self._cached_chars = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self.compiled = self.cache_hits = 0
+
+    @property
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        """llguidance's view of the vocabulary, built on first use (about a second for Qwen3's 151k)."""
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = llguidance.LLTokenizer(
+                    self._tokenizer_json, n_vocab=self.vocab_size, eos_token=self.eos_ids
+                )
+            return self._tokenizer
+
+    def compile(self, constraint: StructuredOutputs) -> llguidance.LLMatcher:
+        """The compiled matcher for ``constraint`` (a shared template: copy it per sequence); raises
+        :class:`GrammarError` naming the field if it cannot be compiled."""
+        source = constraint.source()
+        key = hashlib.sha256(source.encode()).digest()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                self.cache_hits += 1
+                return hit[0]
+        matcher = llguidance.LLMatcher(self.tokenizer, source, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(constraint.kind, _short(matcher.get_error()))
+        with self._lock:
+            self.compiled += 1
+            if key not in self._cache:
+                self._cache[key] = (matcher, len(source))
+                self._cached_chars += len(source)
+            while len(self._cache) > CACHE_ENTRIES or self._cached_chars > CACHE_SOURCE_CHARS:
+                _, (_, size) = self._cache.popitem(last=False)
+                self._cached_chars -= size
+        return matcher
+
+    def new_state(self, constraint: StructuredOutputs, thinking: bool, reasoning_open: bool) -> GrammarState:
+        """A sequence's state: ``thinking`` mode waits for the end of the reasoning, which
+        ``reasoning_open`` says has begun (the prompt opened ``<think>``)."""
+        phase = Phase.ANSWER
+        if thinking:
+            phase = Phase.THINKING if reasoning_open else Phase.OPEN
+        return GrammarState(self.compile(constraint).deep_copy(), phase, self.think_start_id, self.eos_ids)
+
+    def start_masks(self, states: list[GrammarState]) -> Future[torch.Tensor]:
+        """Fill the allowed-token rows of ``states`` (one per state, in order) on the worker thread; the
+        caller runs the model meanwhile and takes ``.result()``: a bool tensor [len(states), vocab]."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="qwen3-grammar")
+        return self._pool.submit(self._fill, states)
+
+    def _fill(self, states: list[GrammarState]) -> torch.Tensor:
+        allowed = numpy.empty((len(states), self.vocab_size), dtype=bool)
+        words = numpy.empty(-(-self.vocab_size // 32), dtype=numpy.int32)
+        for i, state in enumerate(states):
+            state.fill(words, allowed[i])
+        return torch.from_numpy(allowed)
+
+
+__all__ = [
+    "GrammarBackend",
+    "GrammarError",
+    "GrammarState",
+    "Phase",
+    "StructuredOutputs",
+    "check_tool_parameters",
+    "tool_call_grammar",
+]
