@@ -115,9 +115,7 @@ class StructuredOutputs:
                     raise GrammarError("json", f"is not valid JSON: {exc}") from None
             if not isinstance(schema, (Mapping, bool)):
                 raise GrammarError("json", "must be a JSON schema (an object)")
-            if isinstance(schema, Mapping):
-                schema = {**closed_objects(schema), "x-guidance": JSON_OPTIONS}
-            text = json.dumps(schema, ensure_ascii=False)
+            text = _json_schema_text(schema)
             _check_size("json", text)
             # One newline may follow the value: tokens such as '"}}\n' end a JSON text in Qwen3's
             # vocabulary, and a grammar that stopped at '}' would forbid the token the model wants.
@@ -173,6 +171,13 @@ def closed_objects(schema: Any) -> Any:
     return out
 
 
+def _json_schema_text(schema: Mapping[str, Any] | bool) -> str:
+    """A schema as llguidance's ``%json`` reads it: objects closed, the canonical layout asked for."""
+    if isinstance(schema, Mapping):
+        schema = {**closed_objects(schema), "x-guidance": JSON_OPTIONS}
+    return json.dumps(schema, ensure_ascii=False)
+
+
 def _literal(text: str) -> str:
     """A Lark string literal matching ``text`` exactly (llguidance reads JSON string escapes)."""
     return json.dumps(text, ensure_ascii=False)
@@ -192,7 +197,7 @@ def _tool_call_rule(tool: Mapping[str, Any]) -> str:
     function = tool.get("function", tool)
     schema = function.get("parameters") or {"type": "object"}
     head = '\n{"name": ' + json.dumps(function["name"], ensure_ascii=False) + ', "arguments": '
-    arguments = json.dumps(schema, ensure_ascii=False)
+    arguments = _json_schema_text(schema)
     return f"<tool_call> {_literal(head)} %json {arguments} {_literal('}' + chr(10))} </tool_call>"
 
 

@@ -202,7 +202,8 @@ class _CommonFields(_Body):
             raise GrammarError(given[1][0], f"give one constraint, not several ({names})")
         param, values = given[0]
         try:
-            return StructuredOutputs(**values), param
+            constraint = StructuredOutputs(**values)
+            return constraint, f"{param}.{constraint.kind}" if param == "structured_outputs" else param
         except GrammarError as exc:
             nested = param == "structured_outputs" and exc.field != "structured_outputs"
             inner = f"structured_outputs.{exc.field}" if nested else param
