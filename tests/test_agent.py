@@ -81,3 +81,20 @@ def test_agent_round_trip_with_the_shipped_model(default_llm) -> None:
     assert [m["role"] for m in mul.messages] == ["user", "assistant", "tool", "assistant"]
     assert sub.calls and sub.calls[0][2] == "3884" and "3884" in sub.content
     assert count.calls == [] and count.content.rstrip(".").endswith("strawberry")  # no tool needed
+
+
+def test_strict_calls_name_a_real_tool(default_llm) -> None:
+    """The shipped model was trained on a tool named "calculator"; offered the same function as "calc",
+    it still writes "calculator" unless its calls are strict, which holds them to the tools that exist."""
+    parameters = {
+        "type": "object",
+        "properties": {"expression": {"type": "string", "pattern": "^[0-9+*/() -]{1,30}$"}},
+        "required": ["expression"],
+    }
+    calc = Tool("calc", "Evaluate an arithmetic expression", parameters, calculator)
+    greedy = SamplingParams(temperature=0, max_tokens=256)
+    strict = Agent(default_llm, [calc], sampling=greedy).run("Compute 4821 - 937.")
+    assert strict.calls == [("calc", json.dumps({"expression": "4821 - 937"}), "3884")]
+    assert "3884" in strict.content
+    loose = Agent(default_llm, [calc], sampling=greedy, strict=False, max_rounds=1).run("Compute 4821 - 937.")
+    assert loose.calls and loose.calls[0][0] == "calculator" and loose.calls[0][2].startswith("Error")

@@ -4,7 +4,9 @@ Qwen3 calls tools Hermes-style (``<tool_call>{"name": ..., "arguments": {...}}</
 ../shared/spec/hybrid_thinking.md (h)); :meth:`qwen3.LLM.chat` already parses the calls. The loop here
 executes them with the user's own functions, appends the results as ``tool`` messages and asks again,
 until the model answers without a call. Many conversations run side by side, so a whole evaluation set
-is one batched loop through the engine.
+is one batched loop through the engine. Calls are strict by default: every call the model starts is held
+to a known tool's name and its parameters' schema (:func:`qwen3.structured.tool_call_grammar`), so a
+call always parses and names a real function.
 
     def add(a: int, b: int) -> int:
         "Add two integers."
@@ -27,6 +29,7 @@ from typing import Any
 
 from qwen3.llm import LLM
 from qwen3.sampling import SamplingParams
+from qwen3.structured import tool_call_grammar
 
 logger = logging.getLogger(__name__)
 
@@ -144,12 +147,28 @@ class Agent:
         sampling: SamplingParams | None = None,
         enable_thinking: bool = True,
         max_rounds: int = 4,
+        strict: bool = True,
     ) -> None:
         self.llm = llm
         self.tools = {t.name: t for t in (t if isinstance(t, Tool) else Tool.from_function(t) for t in tools)}
         self.sampling = sampling
         self.enable_thinking = enable_thinking
         self.max_rounds = max_rounds
+        self.strict = strict
+        schemas = [t.schema() for t in self.tools.values()]
+        self._calls = tool_call_grammar(schemas, "auto") if strict and schemas else None
+
+    def _params(self, messages: Sequence[Mapping[str, Any]]) -> SamplingParams | None:
+        """This round's sampling for one conversation: the caller's (or Qwen3's recommended for the mode),
+        held to valid calls when strict."""
+        if self._calls is None:
+            return self.sampling
+        params = self.sampling or self.llm.recommended_sampling(messages, self.enable_thinking)
+        return (
+            params
+            if params.structured_outputs is not None
+            else params.replace(structured_outputs=self._calls)
+        )
 
     def run(self, conversation: str | Sequence[Mapping[str, Any]]) -> AgentResult:
         return self.run_batch([conversation])[0]
@@ -167,8 +186,9 @@ class Agent:
         for _ in range(self.max_rounds):
             if not active:
                 break
+            conversations = [states[i].messages for i in active]
             outputs = self.llm.chat(
-                [states[i].messages for i in active], self.sampling, enable_thinking=self.enable_thinking,
+                conversations, [self._params(m) for m in conversations], enable_thinking=self.enable_thinking,
                 tools=schemas,
             )  # fmt: skip
             still = []
