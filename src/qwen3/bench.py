@@ -375,7 +375,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     report: dict[str, Any] = {
         "checkpoint": str(folder),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "kernel_isa": kernels.kernel_isa(),
         "threads": torch.get_num_threads(),
         "dtype": weights,
@@ -404,7 +404,8 @@ def _peak_rss(who: int) -> float:
     return resource.getrusage(who).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
