@@ -125,7 +125,8 @@ def main() -> None:
     isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "baseline"
     print(f"CPU: {cpu_model()} ({isa}; kernels: {kernel_isa()}), {torch.get_num_threads()} threads")
     print(
-        f"model: {args.model}{f' ({args.layers} layers)' if args.layers else ''}, vocab {llm.model.config.vocab_size}"
+        f"model: {args.model}{f' ({args.layers} layers)' if args.layers else ''}, "
+        f"vocab {llm.model.config.vocab_size}"
     )
     print(f"{args.concurrency} concurrent x {args.tokens} tokens, median of {args.repeats}:")
     print(f"  none constrained: {none:8.1f} tok/s   runs {[round(r, 1) for r in runs['none']]}")

@@ -4,9 +4,9 @@
 sequence whose pending tokens are all computed, then applies the per-request rules that live at the
 token level: thinking budget (insert the stop-thinking ids), eos and stop token ids, ``max_tokens`` and
 ``max_model_len``, and a structured request's grammar (its masks are filled while the model runs and
-applied before sampling; see :mod:`qwen3.structured`). Detokenization, stop strings, output parsing and usage belong to the front end
-(:mod:`qwen3.output_processor`, used by ``LLM`` and ``AsyncLLM``), which aborts a request when its text
-hits a stop string.
+applied before sampling; see :mod:`qwen3.structured`). Detokenization, stop strings, output parsing and
+usage belong to the front end (:mod:`qwen3.output_processor`, used by ``LLM`` and ``AsyncLLM``), which
+aborts a request when its text hits a stop string.
 
 A step whose model run or sampling raises is retried sequence by sequence, so a request that breaks the
 step fails alone (with ``finish_reason="error"``) and the others carry on; results do not change by running

@@ -2,7 +2,8 @@
 
 Sampling starts from the checkpoint's generation_config and takes the client's fields on top; like
 OpenAI's legacy endpoint, ``max_tokens`` defaults to 16. ``response_format``, ``structured_outputs`` and
-``guided_*`` constrain the continuation from its first token (no chat, so no reasoning to leave free). Choice ``p * n + i`` is choice ``i`` of prompt ``p``.
+``guided_*`` constrain the continuation from its first token (no chat, so no reasoning to leave free).
+Choice ``p * n + i`` is choice ``i`` of prompt ``p``.
 """
 
 from __future__ import annotations
