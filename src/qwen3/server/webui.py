@@ -60,6 +60,11 @@ def install_web_ui(app: FastAPI) -> None:
         """The chat page."""
         return asset("index.html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        """Browsers ask for it on any page of the server (/health, /docs), whatever the page says."""
+        return asset("icon.svg")
+
     @app.get(ASSET_PREFIX + "{name}", include_in_schema=False)
     async def ui_file(name: str) -> Response:
         """The page's scripts, styles and icon."""
