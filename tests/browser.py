@@ -20,7 +20,8 @@ def find_browser() -> tuple[str, str] | None:
 
 
 def chromium(width: int = 1280, height: int = 860):
-    """A headless Chromium at ``width`` x ``height`` that keeps the page's console messages."""
+    """A headless Chromium whose pages are ``width`` x ``height`` CSS pixels (see :func:`set_viewport`)
+    and that keeps the page's console messages."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -43,4 +44,12 @@ def chromium(width: int = 1280, height: int = 860):
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         options.add_argument("--no-sandbox")  # Chromium's sandbox refuses to run as root
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(options=options, service=Service(executable_path=driver))
+    chrome = webdriver.Chrome(options=options, service=Service(executable_path=driver))
+    set_viewport(chrome, width, height)
+    return chrome
+
+
+def set_viewport(driver, width: int, height: int, mobile: bool = False) -> None:
+    """The page's exact size (a window size would include the browser's own frame), as a phone if asked."""
+    metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)

@@ -268,6 +268,7 @@ def test_escape_stops_a_long_reply_and_the_server_frees_it(page, llm, monkeypatc
     page.fill("extra", '{"ignore_eos": true}')  # any field the server takes
     page.send("Sort 5, 2, 9, 1.")
     page.wait(lambda: page.replies() and page.replies()[0]["reasoning"], "streamed reasoning")
+    assert page.replies()[0]["open"]  # the reasoning block is open while it is written
     assert _running(page.server) == 1
     assert page.find("#stop").is_displayed() and not page.find("#send").is_displayed()
     page.find("#prompt").send_keys("\ue00c")  # Escape

@@ -187,11 +187,11 @@ function renderConversation() {
     ); // prettier-ignore
     return;
   }
-  const lastUser = conv.messages.map((m) => m.role).lastIndexOf("user");
+  const lastReply = conv.messages.map((m) => m.role).lastIndexOf("assistant");
   box.replaceChildren(
     ...conv.messages.flatMap((message, index) => {
       if (message.role === "user") return [userView(message, index)];
-      if (message.role === "assistant") return [new AssistantView(message, conv, index > lastUser).node];
+      if (message.role === "assistant") return [new AssistantView(message, conv, index === lastReply).node];
       return []; // tool results are shown inside the call they answer
     }),
   );
