@@ -25,7 +25,7 @@ from qwen3.engine.llm_engine import STOP_THINKING_TEXT
 from qwen3.llm import LLM
 from qwen3.server import ServerConfig, create_app
 from qwen3.server.webui import page_url
-from tests.browser import chromium, find_browser
+from tests.browser import chromium, find_browser, set_viewport
 from tests.live_server import LiveServer, live_server
 
 API_KEY = "sk-web-ui-test"
@@ -332,6 +332,24 @@ def test_the_page_asks_for_the_api_key(page):
     page.send("What is 347 + 589?")
     (reply,) = page.answer()
     assert "936" in reply["content"]
+
+
+def test_phone_sized_screen(page):
+    set_viewport(page.driver, 390, 844, mobile=True)
+    try:
+        page.open()
+        page.send("What is 347 + 589?")
+        page.answer()
+        right = "return document.getElementById('sidebar').getBoundingClientRect().right"
+        assert page.js("return document.documentElement.scrollWidth") <= 390  # nothing sideways
+        assert page.js(right) <= 0 and page.find("#toggle-sidebar").is_displayed()  # the list is a drawer
+        page.find("#toggle-sidebar").click()
+        page.wait(lambda: page.js(right) > 200, "the drawer")
+        page.find("#prompt").send_keys("\ue00c")  # Escape closes it
+        page.wait(lambda: page.js(right) <= 0, "the drawer closed")
+        assert page.find("#send").is_displayed() and page.find("#prompt").rect["width"] > 200
+    finally:
+        set_viewport(page.driver, 1280, 860)
 
 
 def _calculate(page: Page, expressions: list[str]) -> list[str]:
