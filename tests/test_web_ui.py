@@ -72,6 +72,7 @@ def test_page_and_files_come_from_this_server_alone(server):
     script = httpx.get(server.url + "/ui/app.js")
     assert script.headers["content-type"].startswith("text/javascript")
     assert httpx.get(server.url + "/ui/missing.js").status_code == 404
+    assert httpx.head(server.url + "/").status_code == 200  # curl -I works too
     # the page is public; the API behind it still needs the key
     assert httpx.get(server.base_url + "/models").status_code == 401
     models = httpx.get(server.base_url + "/models", headers={"Authorization": f"Bearer {API_KEY}"})

@@ -55,17 +55,17 @@ def install_web_ui(app: FastAPI) -> None:
         body, media_type = assets[name]
         return Response(body, media_type=media_type, headers=HEADERS)
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> Response:
         """The chat page."""
         return asset("index.html")
 
-    @app.get("/favicon.ico", include_in_schema=False)
+    @app.api_route("/favicon.ico", methods=["GET", "HEAD"], include_in_schema=False)
     async def favicon() -> Response:
         """Browsers ask for it on any page of the server (/health, /docs), whatever the page says."""
         return asset("icon.svg")
 
-    @app.get(ASSET_PREFIX + "{name}", include_in_schema=False)
+    @app.api_route(ASSET_PREFIX + "{name}", methods=["GET", "HEAD"], include_in_schema=False)
     async def ui_file(name: str) -> Response:
         """The page's scripts, styles and icon."""
         return asset(name)
