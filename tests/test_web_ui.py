@@ -313,6 +313,7 @@ def test_edit_regenerate_and_reload(page):
     page.wait(lambda: page.user_messages() == ["What is 12 + 30?"], "the conversation after a reload")
     (kept,) = page.answer()
     assert kept["content"] == edited["content"] and kept["reasoningTokens"] == edited["reasoningTokens"]
+    assert page.find("#seed").get_attribute("value") == "0"  # and its settings
     page.find("#new-chat").click()
     assert page.user_messages() == []
     page.find("#conversations .open-conversation").click()

@@ -165,7 +165,9 @@ function bindSettings() {
   $("reset-sampling").addEventListener("click", () => {
     settings().sampling = null;
     renderSampling();
+    persist();
   });
+  for (const id of ["settings", "composer"]) $(id).addEventListener("change", persist); // keep them
 }
 
 // ------------------------------------------------------------------------------------ the conversation
