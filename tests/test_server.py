@@ -614,6 +614,7 @@ def test_serve_command_queue_limit_and_graceful_sigterm(tiny_checkpoint):
         assert process.wait(timeout=30) == 0
         output = process.stdout.read()
         assert "shut down on SIGTERM" in output and "stopping the engine" in output
+        assert f"chat page: open {url}/ in a browser" in output
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health")
     finally:

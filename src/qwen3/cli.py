@@ -321,6 +321,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes,
         template_timeout=args.template_timeout,
         plain_text_messages=not args.trust_message_tokens,
+        web_ui=not args.no_ui,
     )
     serve(llm, config, args.host, args.port)
     return 0
@@ -448,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, seconds in-flight requests get to finish; streams still running then end with "
         "finish_reason 'abort' and [DONE] (default: 30)",
     )  # fmt: skip
+    serve.add_argument(
+        "--no-ui", action="store_true", help="do not serve the web chat page at / (the API only)"
+    )
     limits = serve.add_argument_group("limits (docs/design.md lists them all)")
     limits.add_argument(
         "--max-request-bytes", type=int, default=2 * 2**20, metavar="N",

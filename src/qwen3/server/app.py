@@ -33,6 +33,7 @@ from qwen3.server.errors import APIError, ErrorResponse, from_validation_error, 
 from qwen3.server.metrics import CONTENT_TYPE, Metrics
 from qwen3.server.protocol import ChatCompletionRequest, CompletionRequest
 from qwen3.server.serving import LARGE_REQUEST_BYTES, ServerConfig, ServerState, unless_disconnected
+from qwen3.server.webui import install_web_ui, page_url
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +218,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     install_schema(app)
     install_handlers(app)
     app.add_middleware(RequestMiddleware, state=state)
+    if config.web_ui:
+        install_web_ui(app)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -324,6 +327,8 @@ def serve(llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: int = 8
     )
     handled = (signal.SIGINT, signal.SIGTERM)
     main_thread = threading.current_thread() is threading.main_thread()
+    if config.web_ui:
+        logger.info("chat page: open %s in a browser (--no-ui turns it off)", page_url(host, port))
     previous = {sig: signal.signal(sig, _after_shutdown) for sig in handled} if main_thread else {}
     try:
         server.run()
