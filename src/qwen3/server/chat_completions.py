@@ -5,9 +5,13 @@ greedy or seeded request answers exactly as it would offline. Thinking is contro
 SGLang accept it (``chat_template_kwargs.enable_thinking``) plus a ``thinking_budget`` field (0 means
 non-thinking); sampling fields the client leaves out take Qwen3's recommended values for the mode.
 
+``reasoning_effort`` maps onto those controls (``protocol.EFFORT_BUDGETS``: "none"/"minimal" are
+non-thinking, "low"/"medium" a budget); Qwen3's own controls win when both are given.
+
 ``tool_choice``: ``auto`` renders the tools and lets the model decide; ``none`` renders no tools;
 ``required`` forces the answer to start with ``<tool_call>``, and a named function with
-``<tool_call>\\n{"name": "NAME", "arguments": ``, so the model writes only the arguments. In thinking mode
+``<tool_call>\\n{"name": "NAME", "arguments":``, so the model writes only the arguments;
+``allowed_tools`` renders only the tools it lists, then acts as ``auto`` or ``required``. In thinking mode
 the model first thinks as usual and the engine inserts that prefix right after ``</think>``.
 """
 
@@ -49,7 +53,8 @@ def prepare(state: ServerState, body: ChatCompletionRequest) -> ChatRequest:
     llm = state.llm
     messages = [message.to_template() for message in body.messages]
     template_vars = dict(body.chat_template_kwargs or {})
-    enable_thinking = template_vars.pop("enable_thinking", True)
+    effort_thinking, thinking_budget = body.thinking_controls()
+    enable_thinking = template_vars.pop("enable_thinking", effort_thinking)
     if not isinstance(enable_thinking, bool):
         name = "chat_template_kwargs.enable_thinking"
         raise APIError(400, f"{name}: must be true or false", param=name)
@@ -60,7 +65,7 @@ def prepare(state: ServerState, body: ChatCompletionRequest) -> ChatRequest:
             name = f"chat_template_kwargs.{key}"
             raise APIError(400, f"chat_template_kwargs: {exc}", param=name) from None
     tools, prefix = _tools(body)
-    defaults = llm.recommended_sampling(messages, enable_thinking, body.thinking_budget)
+    defaults = llm.recommended_sampling(messages, enable_thinking, thinking_budget)
     params = state.sampling(defaults, body.sampling_overrides(), body.param_name)
     config = state.config
     try:
@@ -68,7 +73,7 @@ def prepare(state: ServerState, body: ChatCompletionRequest) -> ChatRequest:
             messages,
             params,
             enable_thinking,
-            body.thinking_budget,
+            thinking_budget,
             tools,
             config.chat_template,
             prefix,
@@ -96,13 +101,19 @@ def _tools(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, st
     if choice == "none":
         return None, ""
     if not tools:
-        raise APIError(400, "tool_choice: forcing a tool call needs tools", param="tool_choice")
-    if isinstance(choice, NamedToolChoice):
-        names = [tool["function"]["name"] for tool in tools]
-        if choice.function.name not in names:
-            param = "tool_choice.function.name"
-            raise APIError(400, f"{param}: {choice.function.name!r} is not one of the tools", param=param)
-    return tools, tool_call_prefix(choice)
+        raise APIError(400, "tool_choice: choosing or forcing tools needs tools", param="tool_choice")
+    if not isinstance(choice, NamedToolChoice):  # "required"
+        return tools, tool_call_prefix()
+    mode, named = choice.selection()
+    names = {tool["function"]["name"] for tool in tools}
+    for name, param in named:
+        if name not in names:
+            raise APIError(400, f"{param}: {name!r} is not one of the tools", param=param)
+    if mode == "named":
+        return tools, tool_call_prefix(named[0][0])
+    allowed = {name for name, _ in named}
+    tools = [tool for tool in tools if tool["function"]["name"] in allowed]
+    return tools, tool_call_prefix() if mode == "required" else ""
 
 
 def _streams(

@@ -77,13 +77,18 @@ def param_path(loc: Sequence[str | int]) -> str | None:
     """pydantic's error location as the client's field path: ``("messages", 0, "role")`` -> ``messages[0].role``.
 
     Union members and validator wrappers that pydantic puts in the location (``str``,
-    ``list[TextPart]``, ``function-after[...]``) are not fields and are dropped.
+    ``list[TextPart]``, ``function-after[...]``, a model's class name such as ``NamedToolChoice``) are not
+    fields and are dropped: request fields are snake_case, so a capitalised part is a class name.
     """
     path = ""
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part.isidentifier() and part not in ("str", "int", "float", "bool", "list", "dict"):
+        elif (
+            part.isidentifier()
+            and not part[0].isupper()
+            and part not in ("str", "int", "float", "bool", "list", "dict")
+        ):
             path += f".{part}" if path else part
     return path or None
 
