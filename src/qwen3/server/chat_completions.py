@@ -21,12 +21,13 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
 
-from qwen3.async_llm import AsyncLLM
-from qwen3.chat import check_template_variables, parse_output
+from qwen3.async_llm import AsyncLLM, StreamDelta
+from qwen3.chat import ToolCall, check_template_variables, parse_output
 from qwen3.jinja_sandbox import RenderLimits, TemplateLimitError
 from qwen3.llm import ChatRequest
 from qwen3.server.errors import APIError
@@ -45,8 +46,9 @@ from qwen3.server.serving import (
 logger = logging.getLogger(__name__)
 
 
-def prepare(state: ServerState, body: ChatCompletionRequest) -> ChatRequest:
-    """Render the conversation and pick sampling; every mistake is a 400 naming the field.
+def prepare(state: ServerState, body: ChatCompletionRequest, check: bool = True) -> ChatRequest:
+    """Render the conversation and pick sampling; every mistake is a 400 naming the field. ``check``:
+    refuse a prompt the engine could not run (too long for the context); ``/tokenize`` counts it anyway.
 
     Blocking work (rendering, tokenizing): the app runs it on a worker thread, off the event loop.
     """
@@ -88,7 +90,8 @@ def prepare(state: ServerState, body: ChatCompletionRequest) -> ChatRequest:
         raise APIError(400, f"messages: {exc}", param="messages", code="template_limit") from None
     except (ValueError, jinja2.TemplateError) as exc:
         raise APIError(400, f"messages: {exc}", param="messages") from None
-    state.check_prompt(request.prompt_token_ids, params, "messages", body.param_name, request)
+    if check:
+        state.check_prompt(request.prompt_token_ids, params, "messages", body.param_name, request)
     return request
 
 
@@ -116,7 +119,7 @@ def _tools(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, st
     return tools, tool_call_prefix() if mode == "required" else ""
 
 
-def _streams(
+def streams(
     state: ServerState,
     front: AsyncLLM,
     request: ChatRequest,
@@ -124,7 +127,9 @@ def _streams(
     request_id: str,
     arrival: float,
     parse: bool,
-) -> list[AsyncIterator]:
+) -> list[AsyncIterator[StreamDelta]]:
+    """The engine streams of a prepared chat request's ``n`` choices (parsed into reasoning, content and
+    tool calls as they decode if ``parse``), observed by the metrics."""
     return [
         state.metrics.observe(
             front.stream_chat(
@@ -138,26 +143,41 @@ def _streams(
     ]
 
 
-def _finish_reason(reason: str | None, called_tools: bool) -> str | None:
+def finish_reason(reason: str | None, called_tools: bool) -> str | None:
     return "tool_calls" if called_tools and reason == "stop" else reason
 
 
-async def complete(
-    state: ServerState, front: AsyncLLM, body: ChatCompletionRequest, request: ChatRequest, arrival: float
-) -> dict[str, Any]:
-    """Generate every choice, then parse each whole text exactly as offline ``LLM.chat`` does."""
-    request_id = new_id("chatcmpl")
-    n = body.n
+@dataclass
+class Choice:
+    """One generated choice, parsed from its whole text exactly as offline ``LLM.chat`` parses it."""
+
+    reasoning: str | None
+    content: str
+    tool_calls: list[ToolCall]
+    finish_reason: str | None
+    logprobs: list[dict[str, Any]]
+
+
+async def generate(
+    state: ServerState,
+    front: AsyncLLM,
+    request: ChatRequest,
+    n: int,
+    request_id: str,
+    arrival: float,
+    logprobs: bool = False,
+) -> tuple[list[Choice], Usage]:
+    """Generate every choice to the end, then parse each; the usage summed over them."""
     texts: list[list[str]] = [[] for _ in range(n)]
-    logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+    entries: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
     usage = Usage()
     usage.prompt = len(request.prompt_token_ids)
     token_text = TokenText(state.llm.tokenizer)
-    async for i, delta in merge(_streams(state, front, request, n, request_id, arrival, parse=False)):
+    async for i, delta in merge(streams(state, front, request, n, request_id, arrival, parse=False)):
         texts[i].append(delta.text)
-        if body.logprobs:
-            logprobs[i] += chat_logprobs(delta.token_ids, delta.logprobs, token_text)
+        if logprobs:
+            entries[i] += chat_logprobs(delta.token_ids, delta.logprobs, token_text)
         if delta.finished:
             finish[i] = delta.finish_reason
             usage.add(delta)
@@ -166,10 +186,23 @@ async def complete(
         reasoning, content, calls = parse_output(
             request.parse_prefix + "".join(texts[i]), request.reasoning_started
         )
+        choices.append(Choice(reasoning, content, calls, finish_reason(finish[i], bool(calls)), entries[i]))
+    return choices, usage
+
+
+async def complete(
+    state: ServerState, front: AsyncLLM, body: ChatCompletionRequest, request: ChatRequest, arrival: float
+) -> dict[str, Any]:
+    """The ``chat.completion`` object for every choice."""
+    request_id = new_id("chatcmpl")
+    generated, usage = await generate(state, front, request, body.n, request_id, arrival, body.logprobs)
+    choices = []
+    for i, choice in enumerate(generated):
+        calls = choice.tool_calls
         message: dict[str, Any] = {
             "role": "assistant",
-            "content": content if content or not calls else None,
-            "reasoning_content": reasoning,
+            "content": choice.content if choice.content or not calls else None,
+            "reasoning_content": choice.reasoning,
         }
         if calls:
             message["tool_calls"] = [call.to_openai() for call in calls]
@@ -177,8 +210,8 @@ async def complete(
             {
                 "index": i,
                 "message": message,
-                "logprobs": {"content": logprobs[i]} if body.logprobs else None,
-                "finish_reason": _finish_reason(finish[i], bool(calls)),
+                "logprobs": {"content": choice.logprobs} if body.logprobs else None,
+                "finish_reason": choice.finish_reason,
             }
         )
     return {
@@ -219,7 +252,7 @@ async def stream(
     try:
         for i in range(body.n):
             yield chunk(i, {"role": "assistant", "content": ""})
-        async for i, delta in merge(_streams(state, front, request, body.n, request_id, arrival, parse=True)):
+        async for i, delta in merge(streams(state, front, request, body.n, request_id, arrival, parse=True)):
             logprobs = None
             if body.logprobs:
                 logprobs = {"content": chat_logprobs(delta.token_ids, delta.logprobs, token_text)}
@@ -246,7 +279,7 @@ async def stream(
                 yield chunk(i, part, logprobs=logprobs if k == 0 else None)
             if delta.finished:
                 usage.add(delta)
-                yield chunk(i, {}, finish=_finish_reason(delta.finish_reason, called[i]))
+                yield chunk(i, {}, finish=finish_reason(delta.finish_reason, called[i]))
         if include_usage:
             payload = {
                 "id": request_id,

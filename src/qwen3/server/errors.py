@@ -112,6 +112,17 @@ def from_validation_error(exc: ValidationError | RequestValidationError, strip: 
     return APIError(400, f"{param}: {message}" if param else message, param=param)
 
 
+def _endpoints(app: FastAPI) -> list[str]:
+    """``METHOD /path`` of every route (documentation pages last), for the 404 of an unknown path."""
+    found = []
+    for route in app.routes:
+        methods = sorted(getattr(route, "methods", None) or []) or ["GET"]
+        path = getattr(route, "path", "")
+        found += [f"{method} {path}" for method in methods if method != "HEAD"]
+    docs = ("/docs", "/redoc", "/openapi")
+    return sorted(found, key=lambda entry: (entry.split()[1].startswith(docs), entry.split()[1]))
+
+
 def install_handlers(app: FastAPI) -> None:
     """Route every error the app can raise into the OpenAI shape."""
 
@@ -124,7 +135,11 @@ def install_handlers(app: FastAPI) -> None:
         return from_validation_error(exc, strip=1).response()
 
     @app.exception_handler(HTTPException)
-    async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 404 and exc.detail == "Not Found":  # no route matched: say which exist
+            served = ", ".join(_endpoints(app))
+            message = f"no endpoint {request.method} {request.url.path}; this server serves {served}"
+            return APIError(404, message, code="unknown_endpoint").response()
         return APIError(exc.status_code, str(exc.detail)).response(exc.headers)
 
     @app.exception_handler(Exception)

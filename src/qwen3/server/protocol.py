@@ -62,7 +62,9 @@ class _Body(BaseModel):
         """Drop explicit nulls of fields that have a default, so ``null`` reads as "not given"."""
         if isinstance(data, dict) and None in data.values():
             fields = cls.model_fields
-            return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+            return {
+                k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()
+            }
         return data
 
 
@@ -193,7 +195,9 @@ class NamedToolChoice(_Body):
     def _one_shape(self) -> NamedToolChoice:
         if self.type == "function" and (self.function is None) == (self.name is None):
             raise ValueError('name the function once: {"function": {"name": ...}} or {"name": ...}')
-        if self.type == "allowed_tools" and (self.allowed_tools is None) == (self.mode is None or not self.tools):
+        if self.type == "allowed_tools" and (self.allowed_tools is None) == (
+            self.mode is None or not self.tools
+        ):
             raise ValueError('give {"allowed_tools": {"mode", "tools"}} or "mode" and "tools"')
         return self
 
@@ -204,7 +208,11 @@ class NamedToolChoice(_Body):
                 return "named", [(self.function.name, "tool_choice.function.name")]
             return "named", [(self.name, "tool_choice.name")]  # type: ignore[list-item]
         if self.allowed_tools is not None:
-            mode, tools, where = self.allowed_tools.mode, self.allowed_tools.tools, "tool_choice.allowed_tools."
+            mode, tools, where = (
+                self.allowed_tools.mode,
+                self.allowed_tools.tools,
+                "tool_choice.allowed_tools.",
+            )
         else:
             mode, tools, where = self.mode, self.tools or [], "tool_choice."  # type: ignore[assignment]
         paths = [
@@ -373,4 +381,3 @@ def tool_call_prefix(name: str | None = None) -> str:
     if name is None:
         return "<tool_call>\n"
     return f'<tool_call>\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments":'
-

@@ -52,6 +52,7 @@ class ServerConfig:
     template_timeout: float = 5.0  # seconds one chat template render may take
     plain_text_messages: bool = True  # control tokens only from the template, never from message text
     prepare_threads: int = 4  # worker threads that render and tokenize requests off the event loop
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])  # CORS; "*": any, no credentials
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
