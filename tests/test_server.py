@@ -299,7 +299,7 @@ def test_tool_choice_required_and_named_force_the_call(server, client):
     assert required.choices[0].message.content.startswith("<tool_call>\n")
 
     named = {"type": "function", "function": {"name": "calculator"}}
-    prefix = '<tool_call>\n{"name": "calculator", "arguments": '
+    prefix = '<tool_call>\n{"name": "calculator", "arguments":'
     thinking = client.chat.completions.create(
         model="tiny", messages=question, tools=[CALCULATOR], tool_choice=named, temperature=0, max_tokens=60,
         extra_body={"thinking_budget": 5, "ignore_eos": True},
@@ -400,7 +400,7 @@ def test_tool_call_round_trip_with_scripted_sampling(server, client, monkeypatch
         ({"thinking_budget": -1}, "thinking_budget"),
         ({"chat_template_kwargs": {"enable_thinking": "yes"}}, "chat_template_kwargs.enable_thinking"),
         ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
-        ({"tools": [{"type": "function", "function": {"name": "has spaces"}}]}, "tools[0].function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "has\ncontrol"}}]}, "tools[0].function.name"),
         ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
         ({"tools": [CALCULATOR], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
          "tool_choice.function.name"),

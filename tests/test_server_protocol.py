@@ -34,6 +34,8 @@ from qwen3.tokenizer import Tokenizer
             ("tool_choice", "function-after[_check(), NamedToolChoice]", "function", "name"),
             "tool_choice.function.name",
         ),
+        (("tool_choice", "NamedToolChoice", "type"), "tool_choice.type"),
+        (("input", 0, "FunctionCallOutput", "call_id"), "input[0].call_id"),
         ((), None),
     ],
 )
@@ -121,11 +123,48 @@ def test_completion_prompts():
             CompletionRequest(prompt=bad)
 
 
-def test_tool_call_prefix():
-    assert tool_call_prefix("auto") == tool_call_prefix("none") == tool_call_prefix(None) == ""
-    assert tool_call_prefix("required") == "<tool_call>\n"
-    named = NamedToolChoice.model_validate({"type": "function", "function": {"name": "get_weather"}})
-    assert tool_call_prefix(named) == '<tool_call>\n{"name": "get_weather", "arguments": '
+def test_tool_call_prefix_ends_on_a_token_boundary(spec_dir):
+    """The named prefix stops before the space after ``"arguments":``: its tokens are then exactly the
+    start of the tokens of a whole call, whatever the arguments (a trailing space would be a lone token)."""
+    assert tool_call_prefix() == "<tool_call>\n"
+    assert tool_call_prefix("get_weather") == '<tool_call>\n{"name": "get_weather", "arguments":'
+    assert tool_call_prefix('a"b') == '<tool_call>\n{"name": "a\\"b", "arguments":'
+    tokenizer = Tokenizer.from_pretrained(spec_dir / "tokenizer")
+    for name, arguments in [
+        ("calculator", '{"expression": "1+2"}'),
+        ("get_time", "{}"),
+        ("m:x y", '{"a": [1]}'),
+    ]:
+        prefix = tool_call_prefix(name)
+        whole = tokenizer.encode(prefix + " " + arguments + "}\n</tool_call>")
+        assert whole[: len(tokenizer.encode(prefix))] == tokenizer.encode(prefix)
+        assert whole[: len(tokenizer.encode(prefix + " "))] != tokenizer.encode(prefix + " ")
+
+
+def test_tool_choice_shapes_name_their_tools():
+    def selection(choice: dict) -> tuple:
+        return NamedToolChoice.model_validate(choice).selection()
+
+    assert selection({"type": "function", "function": {"name": "f"}}) == (
+        "named",
+        [("f", "tool_choice.function.name")],
+    )
+    assert selection({"type": "function", "name": "f"}) == ("named", [("f", "tool_choice.name")])
+    chat_shape = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+        {"type": "function", "function": {"name": "f"}}, {"type": "function", "name": "g"}]}}  # fmt: skip
+    assert selection(chat_shape) == (
+        "required",
+        [
+            ("f", "tool_choice.allowed_tools.tools[0].function.name"),
+            ("g", "tool_choice.allowed_tools.tools[1].name"),
+        ],
+    )
+    flat = {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "g"}]}
+    assert selection(flat) == ("auto", [("g", "tool_choice.tools[0].name")])
+    for bad in ({"type": "function"}, {"type": "function", "name": "f", "function": {"name": "f"}},
+                {"type": "allowed_tools", "mode": "auto"}):  # fmt: skip
+        with pytest.raises(ValidationError):
+            NamedToolChoice.model_validate(bad)
 
 
 def test_soft_switch_follows_the_latest_flag():
