@@ -424,10 +424,9 @@ class ResponseShell:
             "store": False,
             "temperature": body.temperature,
             "text": {"format": {"type": "text"}},
-            "tool_choice": (
-                choice.model_dump(exclude_none=True) if isinstance(choice, NamedToolChoice) else choice
-            )
-            or "auto",
+            "tool_choice": choice.model_dump(exclude_none=True)
+            if isinstance(choice, NamedToolChoice)
+            else choice or "auto",
             "tools": [tool.model_dump(exclude_none=True) for tool in body.tools or []],
             "top_p": body.top_p,
             "truncation": "disabled",
@@ -470,43 +469,35 @@ class _EventWriter:
         self.sequence += 1
         return f"event: {kind}\n{sse(payload)}"
 
-    def _added(self, item: dict[str, Any]) -> list[str]:
-        return [self.event("response.output_item.added", output_index=len(self.output), item=item)]
+    def _added(self, item: dict[str, Any]) -> str:
+        return self.event("response.output_item.added", output_index=len(self.output), item=item)
 
-    def _done(self, item: dict[str, Any]) -> list[str]:
-        index = len(self.output)
+    def _done(self, item: dict[str, Any]) -> str:
         self.output.append(item)
-        return [self.event("response.output_item.done", output_index=index, item=item)]
+        return self.event("response.output_item.done", output_index=len(self.output) - 1, item=item)
+
+    def _in_open(self, kind: str, item: dict[str, Any], **fields: Any) -> str:
+        """An event about the text item being streamed (always its one content part)."""
+        return self.event(kind, item_id=item["id"], output_index=len(self.output), content_index=0, **fields)
 
     def text_delta(self, kind: Literal["reasoning", "message"], delta: str) -> list[str]:
         """A reasoning or answer delta: opens its item (closing another) first when needed."""
         events = []
         if self.open is not None and self.open["type"] != kind:
             events += self.close()
-        part_kind = "reasoning_text" if kind == "reasoning" else "output_text"
+        reasoning = kind == "reasoning"
         if self.open is None:
-            self.open = (
-                reasoning_item("", "in_progress") if kind == "reasoning" else message_item("", "in_progress")
+            self.open = item = (
+                reasoning_item("", "in_progress") if reasoning else message_item("", "in_progress")
             )
-            part = {"type": "reasoning_text", "text": ""} if kind == "reasoning" else _text_part("")
-            events += self._added(self.open)
-            events.append(self._part_event("response.content_part.added", part))
+            part = {"type": "reasoning_text", "text": ""} if reasoning else _text_part("")
+            events += [self._added(item), self._in_open("response.content_part.added", item, part=part)]
         self.text.append(delta)
-        extra = {} if kind == "reasoning" else {"logprobs": []}
-        events.append(self._text_event(f"response.{part_kind}.delta", delta=delta, **extra))
+        if reasoning:
+            events.append(self._in_open("response.reasoning_text.delta", self.open, delta=delta))
+        else:
+            events.append(self._in_open("response.output_text.delta", self.open, delta=delta, logprobs=[]))
         return events
-
-    def _part_event(self, kind: str, part: dict[str, Any]) -> str:
-        assert self.open is not None
-        return self.event(
-            kind, item_id=self.open["id"], output_index=len(self.output), content_index=0, part=part
-        )
-
-    def _text_event(self, kind: str, **fields: Any) -> str:
-        assert self.open is not None
-        return self.event(
-            kind, item_id=self.open["id"], output_index=len(self.output), content_index=0, **fields
-        )
 
     def close(self) -> list[str]:
         """Finish the open text item: its ``.done`` events with the whole text."""
@@ -516,33 +507,26 @@ class _EventWriter:
         self.open, self.text = None, []
         if item["type"] == "reasoning":
             part: dict[str, Any] = {"type": "reasoning_text", "text": text}
-            done = "response.reasoning_text.done"
-            extra = {}
+            done = self._in_open("response.reasoning_text.done", item, text=text)
         else:
-            part, done, extra = _text_part(text), "response.output_text.done", {"logprobs": []}
-        item = {**item, "status": "completed", "content": [part]}
-        self.open = item  # for the ids and index of the events below
-        events = [
-            self._text_event(done, text=text, **extra),
-            self._part_event("response.content_part.done", part),
-        ]
-        self.open = None
-        return events + self._done(item)
+            part = _text_part(text)
+            done = self._in_open("response.output_text.done", item, text=text, logprobs=[])
+        part_done = self._in_open("response.content_part.done", item, part=part)
+        return [done, part_done, self._done({**item, "status": "completed", "content": [part]})]
 
     def call(self, call: ToolCall) -> list[str]:
         """A tool call, whole: added, its arguments in one delta, done."""
         events = self.close()
         item = function_call_item(call, "in_progress")
-        index = len(self.output)
-        events += self._added(item)
-        ids = {"item_id": item["id"], "output_index": index}
-        events.append(self.event("response.function_call_arguments.delta", delta=call.arguments, **ids))
-        events.append(
+        ids = {"item_id": item["id"], "output_index": len(self.output)}
+        events += [
+            self._added(item),
+            self.event("response.function_call_arguments.delta", delta=call.arguments, **ids),
             self.event(
                 "response.function_call_arguments.done", name=call.name, arguments=call.arguments, **ids
-            )
-        )
-        return events + self._done({**item, "arguments": call.arguments, "status": "completed"})
+            ),
+        ]
+        return [*events, self._done({**item, "arguments": call.arguments, "status": "completed"})]
 
 
 async def stream(
