@@ -301,7 +301,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         """OpenAI's Responses API, stateless (see :mod:`qwen3.server.responses`)."""
         return await generate(request, ResponsesRequest, responses)
 
-    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"], responses=_errors(401, 404))
+    @app.get("/v1/responses/{response_id}", responses=_errors(401, 404), operation_id="get_response")
+    @app.delete("/v1/responses/{response_id}", responses=_errors(401, 404), operation_id="delete_response")
     async def stored_response(response_id: str) -> Response:
         """Stored responses do not exist here: a clear 404 rather than a route-not-found."""
         raise APIError(
@@ -327,7 +328,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def version() -> dict[str, str]:
         return {"version": qwen3.__version__}
 
-    @app.api_route("/ping", methods=["GET", "POST"])
+    @app.get("/ping", operation_id="ping_get")
+    @app.post("/ping", operation_id="ping_post")
     async def ping() -> Response:
         """SageMaker's (and vLLM's) liveness probe: 200 while the engine runs, as /health."""
         return await health()
