@@ -407,7 +407,7 @@ def test_tool_call_round_trip_with_scripted_sampling(server, client, monkeypatch
         ({"thinking_budget": -1}, "thinking_budget"),
         ({"chat_template_kwargs": {"enable_thinking": "yes"}}, "chat_template_kwargs.enable_thinking"),
         ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
-        ({"tools": [{"type": "function", "function": {"name": "has spaces"}}]}, "tools[0].function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "has\ncontrol"}}]}, "tools[0].function.name"),
         ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
         ({"tools": [CALCULATOR], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
          "tool_choice.function.name"),

@@ -16,6 +16,7 @@ from qwen3.server.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    NamedToolChoice,
 )
 from qwen3.server.serving import TokenText
 from qwen3.tokenizer import Tokenizer
@@ -32,6 +33,8 @@ from qwen3.tokenizer import Tokenizer
             ("tool_choice", "function-after[_check(), NamedToolChoice]", "function", "name"),
             "tool_choice.function.name",
         ),
+        (("tool_choice", "NamedToolChoice", "type"), "tool_choice.type"),
+        (("input", 0, "FunctionCallOutput", "call_id"), "input[0].call_id"),
         ((), None),
     ],
 )
@@ -117,6 +120,32 @@ def test_completion_prompts():
     for bad in ("", [], ["a", ""]):
         with pytest.raises(ValidationError):
             CompletionRequest(prompt=bad)
+
+
+def test_tool_choice_shapes_name_their_tools():
+    def selection(choice: dict) -> tuple:
+        return NamedToolChoice.model_validate(choice).selection()
+
+    assert selection({"type": "function", "function": {"name": "f"}}) == (
+        "named",
+        [("f", "tool_choice.function.name")],
+    )
+    assert selection({"type": "function", "name": "f"}) == ("named", [("f", "tool_choice.name")])
+    chat_shape = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+        {"type": "function", "function": {"name": "f"}}, {"type": "function", "name": "g"}]}}  # fmt: skip
+    assert selection(chat_shape) == (
+        "required",
+        [
+            ("f", "tool_choice.allowed_tools.tools[0].function.name"),
+            ("g", "tool_choice.allowed_tools.tools[1].name"),
+        ],
+    )
+    flat = {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "g"}]}
+    assert selection(flat) == ("auto", [("g", "tool_choice.tools[0].name")])
+    for bad in ({"type": "function"}, {"type": "function", "name": "f", "function": {"name": "f"}},
+                {"type": "allowed_tools", "mode": "auto"}):  # fmt: skip
+        with pytest.raises(ValidationError):
+            NamedToolChoice.model_validate(bad)
 
 
 def test_soft_switch_follows_the_latest_flag():

@@ -228,3 +228,22 @@ def test_invalid_constraints_are_400_with_the_field(server):
         timeout=60,
     )
     assert completions.status_code == 400 and completions.json()["error"]["param"] == "guided_regex"
+
+
+def test_the_responses_api_text_format(client):
+    """``text.format`` on /v1/responses is the same constraint: the reasoning item is there, the text valid."""
+    schema = SCHEMAS["enums"]
+    fmt = {"type": "json_schema", "name": "pick", "schema": schema, "strict": True}
+    response = client.responses.create(model=MODEL, input="Pick a colour and a size.", text={"format": fmt})
+    kinds = [item.type for item in response.output]
+    assert kinds[0] == "reasoning" and "message" in kinds
+    jsonschema.validate(json.loads(response.output_text), schema)
+
+    class Pick(BaseModel):
+        color: str = Field(pattern="^(red|green|blue)$")
+        size: int = Field(ge=1, le=3)
+
+    parsed = client.responses.parse(
+        model=MODEL, input="Pick one.", text_format=Pick, reasoning={"effort": "none"}
+    ).output_parsed
+    assert isinstance(parsed, Pick) and 1 <= parsed.size <= 3

@@ -307,7 +307,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve a model over an OpenAI-compatible HTTP API (chat completions, completions, models, metrics)."""
+    """Serve a model over an OpenAI-compatible HTTP API (chat completions, responses, completions, models,
+    tokenize, metrics)."""
     from qwen3.llm import LLM
     from qwen3.server import ServerConfig, serve
 
@@ -322,6 +323,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         template_timeout=args.template_timeout,
         plain_text_messages=not args.trust_message_tokens,
         web_ui=not args.no_ui,
+        allowed_origins=[o for arg in args.allowed_origins for o in arg.split(",") if o],
     )
     serve(llm, config, args.host, args.port)
     return 0
@@ -434,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--served-model-name", nargs="+", default=None, metavar="NAME",
         help="model name(s) clients use; the first appears in responses (default: the --model value)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--allowed-origins", nargs="+", default=["*"], metavar="ORIGIN",
+        help="origins browsers may call from (CORS), e.g. http://localhost:3000; '*' allows any, without "
+        "credentials; a list of origins allows credentials (default: *)",
     )  # fmt: skip
     serve.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch (default: 64)")
     serve.add_argument(

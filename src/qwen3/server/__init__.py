@@ -2,8 +2,9 @@
 
 Modules, one job each: ``protocol`` (request bodies, validated field by field), ``errors`` (OpenAI's error
 shape), ``serving`` (state, admission, merged streams, SSE, logprobs), ``chat_completions`` and
-``completions`` (the two generation endpoints), ``metrics`` (Prometheus), ``app`` (routes, auth, lifespan,
-uvicorn). Dependencies point one way: server -> ``AsyncLLM``/``LLM`` -> engine -> model.
+``completions`` (the generation endpoints), ``responses`` (the Responses API, on the chat path),
+``tokenize`` (vLLM's /tokenize and /detokenize), ``metrics`` (Prometheus), ``app`` (routes, auth, CORS,
+lifespan, uvicorn). Dependencies point one way: server -> ``AsyncLLM``/``LLM`` -> engine -> model.
 """
 
 from qwen3.server.app import create_app, serve

@@ -21,29 +21,38 @@ from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import qwen3
 from qwen3.async_llm import AsyncLLM
 from qwen3.llm import LLM
-from qwen3.server import chat_completions, completions
+from qwen3.server import chat_completions, completions, responses, tokenize
 from qwen3.server.errors import APIError, ErrorResponse, from_validation_error, install_handlers
 from qwen3.server.metrics import CONTENT_TYPE, Metrics
 from qwen3.server.protocol import ChatCompletionRequest, CompletionRequest
+from qwen3.server.responses import ResponsesRequest
 from qwen3.server.serving import LARGE_REQUEST_BYTES, ServerConfig, ServerState, unless_disconnected
+from qwen3.server.tokenize import DetokenizeRequest, TokenizeRequest
 from qwen3.server.webui import install_web_ui, page_url
 
 logger = logging.getLogger(__name__)
 
 Body = TypeVar("Body", bound=BaseModel)
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = (
+    "/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/models", "/tokenize", "/detokenize",
+    "/health", "/metrics",
+)  # fmt: skip
+GUARDED = ("/v1/", "/tokenize", "/detokenize")  # paths the API key guards (vLLM guards /v1/ only)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class RequestMiddleware:
-    """Around every HTTP exchange: the API key check for ``/v1/``, the body size limit, the status count
+    """Around every HTTP exchange: the API key check for ``/v1/`` and the tokenizer routes, the body size
+    limit, the status count
     for ``/metrics``, and giving back the exchange's admitted sequences when it ends, however it ends.
 
     A plain ASGI middleware rather than ``BaseHTTPMiddleware``, so streaming responses pass through
@@ -83,7 +92,7 @@ class RequestMiddleware:
     def _refusal(self, scope: Scope) -> JSONResponse | None:
         """A 401 for a missing or wrong key on ``/v1/``, a 413 for a declared body over the limit."""
         headers = dict(scope["headers"])
-        if scope["path"].startswith("/v1/") and not self._authorized(headers.get(b"authorization", b"")):
+        if scope["path"].startswith(GUARDED) and not self._authorized(headers.get(b"authorization", b"")):
             error = APIError(
                 401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key"
             )
@@ -153,27 +162,37 @@ _ERROR_MEANINGS = {
     413: "the body exceeds --max-request-bytes",
     503: "at capacity or the engine is down (see Retry-After)",
 }
-_SCHEMA_MODELS = (ChatCompletionRequest, CompletionRequest)
+_SCHEMA_MODELS = (
+    ChatCompletionRequest,
+    ResponsesRequest,
+    CompletionRequest,
+    TokenizeRequest,
+    DetokenizeRequest,
+)
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse, "description": _ERROR_MEANINGS[status]} for status in statuses}
 
 
-def _documented(body: type[BaseModel], kind: str) -> dict[str, Any]:
+def _documented(
+    body: type[BaseModel], kind: str, streams: str | None = "chunks ending in data: [DONE]"
+) -> dict[str, Any]:
     """Route options that publish the request body (parsed by hand, see :func:`parse_body`), the SSE
     alternative, and every error the route can answer, so /docs and schema-driven clients see it all."""
     ref = {"$ref": f"#/components/schemas/{body.__name__}"}
+    content: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
+    if streams:
+        content["text/event-stream"] = {}
+    description = f"a {kind} object" + (
+        f", or with stream: true a text/event-stream of {streams}" if streams else ""
+    )
     return {
         "openapi_extra": {
             "requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}
         },
         "responses": {
-            200: {
-                "description": f"a {kind} object, or with stream: true a text/event-stream of chunks ending "
-                "in data: [DONE]",
-                "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}},
-            },
+            200: {"description": description, "content": content},
             **_errors(400, 401, 404, 413, 503),
         },
     }
@@ -213,13 +232,26 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             state.workers.shutdown(wait=False, cancel_futures=True)
             state.front.shutdown()
 
-    app = FastAPI(title="qwen3", summary="OpenAI-compatible Qwen3 server", lifespan=lifespan)
+    app = FastAPI(
+        title="qwen3", summary="OpenAI-compatible Qwen3 server", version=qwen3.__version__, lifespan=lifespan
+    )
     app.state.qwen3 = state
     install_schema(app)
     install_handlers(app)
     app.add_middleware(RequestMiddleware, state=state)
     if config.web_ui:
         install_web_ui(app)
+    # Outermost, so a browser's preflight (which carries no API key) is answered before the key check,
+    # and refusals carry the CORS headers too (the page can then read them). Credentials are never allowed
+    # with "*" (the browser would send them to any origin's page); a list of origins allows them.
+    origins = list(config.allowed_origins)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_credentials="*" not in origins,
+        allow_methods=["*"],
+        allow_headers=["*"],
+    )
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -243,23 +275,67 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         state.check_model(model_id)
         return _model_card(state, model_id)
 
-    @app.post("/v1/chat/completions", **_documented(ChatCompletionRequest, "chat.completion"))
-    async def chat(request: Request) -> Response:
+    async def generate(request: Request, model: type[BaseModel], endpoint: Any) -> Response:
+        """A chat-shaped generation (chat completions, responses): parse, admit, prepare off the loop,
+        then stream or answer whole. ``endpoint`` is the module with ``prepare``, ``stream``, ``complete``."""
         arrival = time.perf_counter()
-        body = await parse_body(request, ChatCompletionRequest)
+        body: Any = await parse_body(request, model)
         state.check_model(body.model)
         front = state.engine_front()
-        state.admit(request.scope, body.n)  # before the work: a full server refuses at once
+        state.admit(request.scope, getattr(body, "n", 1))  # before the work: a full server refuses at once
         large = request.state.body_bytes >= LARGE_REQUEST_BYTES
-        prepared = await state.off_loop(chat_completions.prepare, state, body, large=large)
+        prepared = await state.off_loop(endpoint.prepare, state, body, large=large)
         state.metrics.prompt_tokens.inc(len(prepared.prompt_token_ids))
         if body.stream:
-            events = chat_completions.stream(state, front, body, prepared, arrival)
+            events = endpoint.stream(state, front, body, prepared, arrival)
             return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-        result = await unless_disconnected(
-            request, chat_completions.complete(state, front, body, prepared, arrival)
-        )
+        result = await unless_disconnected(request, endpoint.complete(state, front, body, prepared, arrival))
         return JSONResponse(result)
+
+    @app.post("/v1/chat/completions", **_documented(ChatCompletionRequest, "chat.completion"))
+    async def chat(request: Request) -> Response:
+        return await generate(request, ChatCompletionRequest, chat_completions)
+
+    @app.post(
+        "/v1/responses",
+        **_documented(ResponsesRequest, "response", "typed events (response.created ... response.completed)"),
+    )
+    async def respond(request: Request) -> Response:
+        """OpenAI's Responses API, stateless (see :mod:`qwen3.server.responses`)."""
+        return await generate(request, ResponsesRequest, responses)
+
+    @app.get("/v1/responses/{response_id}", responses=_errors(401, 404), operation_id="get_response")
+    @app.delete("/v1/responses/{response_id}", responses=_errors(401, 404), operation_id="delete_response")
+    async def stored_response(response_id: str) -> Response:
+        """Stored responses do not exist here: a clear 404 rather than a route-not-found."""
+        raise APIError(
+            404, f"response {response_id!r} not found: this server keeps no responses (stateless)",
+            param="response_id", code="response_not_found",
+        )  # fmt: skip
+
+    @app.post("/tokenize", **_documented(TokenizeRequest, "tokenize result", None))
+    async def tokenize_route(request: Request) -> JSONResponse:
+        """vLLM's /tokenize: a prompt, or messages rendered as the chat endpoint renders them."""
+        body = await parse_body(request, TokenizeRequest)
+        state.check_model(body.model)
+        large = request.state.body_bytes >= LARGE_REQUEST_BYTES
+        return JSONResponse(await state.off_loop(tokenize.tokenize, state, body, large=large))
+
+    @app.post("/detokenize", **_documented(DetokenizeRequest, "detokenize result", None))
+    async def detokenize_route(request: Request) -> JSONResponse:
+        body = await parse_body(request, DetokenizeRequest)
+        state.check_model(body.model)
+        return JSONResponse(await state.off_loop(tokenize.detokenize, state, body))
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": qwen3.__version__}
+
+    @app.get("/ping", operation_id="ping_get")
+    @app.post("/ping", operation_id="ping_post")
+    async def ping() -> Response:
+        """SageMaker's (and vLLM's) liveness probe: 200 while the engine runs, as /health."""
+        return await health()
 
     @app.post("/v1/completions", **_documented(CompletionRequest, "text_completion"))
     async def complete(request: Request) -> Response:

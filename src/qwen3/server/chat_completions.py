@@ -5,12 +5,16 @@ greedy or seeded request answers exactly as it would offline. Thinking is contro
 SGLang accept it (``chat_template_kwargs.enable_thinking``) plus a ``thinking_budget`` field (0 means
 non-thinking); sampling fields the client leaves out take Qwen3's recommended values for the mode.
 
+``reasoning_effort`` maps onto those controls (``protocol.EFFORT_BUDGETS``: "none"/"minimal" are
+non-thinking, "low"/"medium" a budget); Qwen3's own controls win when both are given.
+
 ``tool_choice``: ``auto`` renders the tools and lets the model decide; ``none`` renders no tools;
 ``required`` holds the answer to one or more calls in Qwen3's ``<tool_call>`` format, a named function to
 calls of that function, their arguments valid against its ``parameters``; with ``auto`` and a tool marked
 ``strict``, a call the model starts is completed validly. ``response_format`` and vLLM's
 ``structured_outputs`` (and ``guided_*``) hold the answer to a schema, regex, choice or grammar. All of it
 is a grammar (:mod:`qwen3.structured`) that applies after the reasoning: the model thinks freely first.
+``allowed_tools`` renders only the tools it lists, then acts as ``auto`` or ``required``.
 """
 
 from __future__ import annotations
@@ -19,16 +23,17 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
 
-from qwen3.async_llm import AsyncLLM
-from qwen3.chat import check_template_variables, parse_output
+from qwen3.async_llm import AsyncLLM, StreamDelta
+from qwen3.chat import ToolCall, check_template_variables, parse_output
 from qwen3.jinja_sandbox import RenderLimits, TemplateLimitError
 from qwen3.llm import ChatRequest
 from qwen3.server.errors import APIError
-from qwen3.server.protocol import ChatCompletionRequest, NamedToolChoice
+from qwen3.server.protocol import ChatCompletionRequest
 from qwen3.server.serving import (
     SSE_DONE,
     ServerState,
@@ -44,15 +49,17 @@ from qwen3.structured import GrammarError, StructuredOutputs, check_tool_paramet
 logger = logging.getLogger(__name__)
 
 
-def prepare(state: ServerState, body: ChatCompletionRequest) -> ChatRequest:
-    """Render the conversation and pick sampling; every mistake is a 400 naming the field.
+def prepare(state: ServerState, body: ChatCompletionRequest, check: bool = True) -> ChatRequest:
+    """Render the conversation and pick sampling; every mistake is a 400 naming the field. ``check``:
+    refuse a prompt the engine could not run (too long for the context); ``/tokenize`` counts it anyway.
 
     Blocking work (rendering, tokenizing): the app runs it on a worker thread, off the event loop.
     """
     llm = state.llm
     messages = [message.to_template() for message in body.messages]
     template_vars = dict(body.chat_template_kwargs or {})
-    enable_thinking = template_vars.pop("enable_thinking", True)
+    effort_thinking, thinking_budget = body.thinking_controls()
+    enable_thinking = template_vars.pop("enable_thinking", effort_thinking)
     if not isinstance(enable_thinking, bool):
         name = "chat_template_kwargs.enable_thinking"
         raise APIError(400, f"{name}: must be true or false", param=name)
@@ -63,7 +70,7 @@ def prepare(state: ServerState, body: ChatCompletionRequest) -> ChatRequest:
             name = f"chat_template_kwargs.{key}"
             raise APIError(400, f"chat_template_kwargs: {exc}", param=name) from None
     tools, constraint, where = _constraint(body)
-    defaults = llm.recommended_sampling(messages, enable_thinking, body.thinking_budget)
+    defaults = llm.recommended_sampling(messages, enable_thinking, thinking_budget)
     params = state.sampling(defaults, body.sampling_overrides(), body.param_name)
     params = params.replace(structured_outputs=constraint)
     config = state.config
@@ -72,7 +79,7 @@ def prepare(state: ServerState, body: ChatCompletionRequest) -> ChatRequest:
             messages,
             params,
             enable_thinking,
-            body.thinking_budget,
+            thinking_budget,
             tools,
             config.chat_template,
             template_vars=template_vars,
@@ -90,7 +97,8 @@ def prepare(state: ServerState, body: ChatCompletionRequest) -> ChatRequest:
     def param_name(field: str) -> str:
         return where if field == "structured_outputs" else body.param_name(field)
 
-    state.check_prompt(request.prompt_token_ids, params, "messages", param_name, request)
+    if check:
+        state.check_prompt(request.prompt_token_ids, params, "messages", param_name, request)
     return request
 
 
@@ -105,30 +113,38 @@ def _constraint(
         raise APIError(400, str(exc), param=exc.field) from None
     choice = body.tool_choice
     tools = [tool.model_dump(exclude_none=True, by_alias=True) for tool in body.tools] if body.tools else None
-    if choice == "none" or not tools:
-        if choice not in (None, "auto", "none"):
-            raise APIError(400, "tool_choice: forcing a tool call needs tools", param="tool_choice")
-        return (None if choice == "none" else tools), answer, where
-    calls = tools
-    if isinstance(choice, NamedToolChoice):
-        calls = [tool for tool in tools if tool["function"]["name"] == choice.function.name]
-        if not calls:
-            param = "tool_choice.function.name"
-            raise APIError(400, f"{param}: {choice.function.name!r} is not one of the tools", param=param)
-    forced = choice not in (None, "auto")
-    if not forced and not any(tool["function"].get("strict") for tool in tools):
+    if choice == "none":
+        return None, answer, where
+    if choice in (None, "auto"):
+        mode, calls = "auto", tools or []
+    elif not tools:
+        raise APIError(400, "tool_choice: choosing or forcing tools needs tools", param="tool_choice")
+    elif choice == "required":
+        mode, calls = "required", tools
+    else:
+        mode, named = choice.selection()
+        names = {tool["function"]["name"] for tool in tools}
+        for name, param in named:
+            if name not in names:
+                raise APIError(400, f"{param}: {name!r} is not one of the tools", param=param)
+        chosen = {name for name, _ in named}
+        calls = [tool for tool in tools if tool["function"]["name"] in chosen]
+        if mode != "named":  # allowed_tools: only those are shown, then auto or required
+            tools = calls
+        mode = "required" if mode == "named" else mode
+    if mode == "auto" and not any(tool["function"].get("strict") for tool in calls):
         return tools, answer, where
     if answer is not None:
-        why = "a forced tool_choice" if forced else "strict tools"
+        why = "strict tools" if mode == "auto" else "a forced tool_choice"
         raise APIError(400, f"{where}: cannot be combined with {why}", param=where)
     try:
-        check_tool_parameters(tools)
+        check_tool_parameters(calls)
     except GrammarError as exc:
         raise APIError(400, str(exc), param=exc.field) from None
-    return tools, tool_call_grammar(calls, "required" if forced else "auto"), "tools"
+    return tools, tool_call_grammar(calls, mode), "tools"
 
 
-def _streams(
+def streams(
     state: ServerState,
     front: AsyncLLM,
     request: ChatRequest,
@@ -136,7 +152,9 @@ def _streams(
     request_id: str,
     arrival: float,
     parse: bool,
-) -> list[AsyncIterator]:
+) -> list[AsyncIterator[StreamDelta]]:
+    """The engine streams of a prepared chat request's ``n`` choices (parsed into reasoning, content and
+    tool calls as they decode if ``parse``), observed by the metrics."""
     return [
         state.metrics.observe(
             front.stream_chat(
@@ -150,26 +168,41 @@ def _streams(
     ]
 
 
-def _finish_reason(reason: str | None, called_tools: bool) -> str | None:
+def finish_reason(reason: str | None, called_tools: bool) -> str | None:
     return "tool_calls" if called_tools and reason == "stop" else reason
 
 
-async def complete(
-    state: ServerState, front: AsyncLLM, body: ChatCompletionRequest, request: ChatRequest, arrival: float
-) -> dict[str, Any]:
-    """Generate every choice, then parse each whole text exactly as offline ``LLM.chat`` does."""
-    request_id = new_id("chatcmpl")
-    n = body.n
+@dataclass
+class Choice:
+    """One generated choice, parsed from its whole text exactly as offline ``LLM.chat`` parses it."""
+
+    reasoning: str | None
+    content: str
+    tool_calls: list[ToolCall]
+    finish_reason: str | None
+    logprobs: list[dict[str, Any]]
+
+
+async def generate(
+    state: ServerState,
+    front: AsyncLLM,
+    request: ChatRequest,
+    n: int,
+    request_id: str,
+    arrival: float,
+    logprobs: bool = False,
+) -> tuple[list[Choice], Usage]:
+    """Generate every choice to the end, then parse each; the usage summed over them."""
     texts: list[list[str]] = [[] for _ in range(n)]
-    logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+    entries: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
     usage = Usage()
     usage.prompt = len(request.prompt_token_ids)
     token_text = TokenText(state.llm.tokenizer)
-    async for i, delta in merge(_streams(state, front, request, n, request_id, arrival, parse=False)):
+    async for i, delta in merge(streams(state, front, request, n, request_id, arrival, parse=False)):
         texts[i].append(delta.text)
-        if body.logprobs:
-            logprobs[i] += chat_logprobs(delta.token_ids, delta.logprobs, token_text)
+        if logprobs:
+            entries[i] += chat_logprobs(delta.token_ids, delta.logprobs, token_text)
         if delta.finished:
             finish[i] = delta.finish_reason
             usage.add(delta)
@@ -178,10 +211,23 @@ async def complete(
         reasoning, content, calls = parse_output(
             request.parse_prefix + "".join(texts[i]), request.reasoning_started
         )
+        choices.append(Choice(reasoning, content, calls, finish_reason(finish[i], bool(calls)), entries[i]))
+    return choices, usage
+
+
+async def complete(
+    state: ServerState, front: AsyncLLM, body: ChatCompletionRequest, request: ChatRequest, arrival: float
+) -> dict[str, Any]:
+    """The ``chat.completion`` object for every choice."""
+    request_id = new_id("chatcmpl")
+    generated, usage = await generate(state, front, request, body.n, request_id, arrival, body.logprobs)
+    choices = []
+    for i, choice in enumerate(generated):
+        calls = choice.tool_calls
         message: dict[str, Any] = {
             "role": "assistant",
-            "content": content if content or not calls else None,
-            "reasoning_content": reasoning,
+            "content": choice.content if choice.content or not calls else None,
+            "reasoning_content": choice.reasoning,
         }
         if calls:
             message["tool_calls"] = [call.to_openai() for call in calls]
@@ -189,8 +235,8 @@ async def complete(
             {
                 "index": i,
                 "message": message,
-                "logprobs": {"content": logprobs[i]} if body.logprobs else None,
-                "finish_reason": _finish_reason(finish[i], bool(calls)),
+                "logprobs": {"content": choice.logprobs} if body.logprobs else None,
+                "finish_reason": choice.finish_reason,
             }
         )
     return {
@@ -231,7 +277,7 @@ async def stream(
     try:
         for i in range(body.n):
             yield chunk(i, {"role": "assistant", "content": ""})
-        async for i, delta in merge(_streams(state, front, request, body.n, request_id, arrival, parse=True)):
+        async for i, delta in merge(streams(state, front, request, body.n, request_id, arrival, parse=True)):
             logprobs = None
             if body.logprobs:
                 logprobs = {"content": chat_logprobs(delta.token_ids, delta.logprobs, token_text)}
@@ -258,7 +304,7 @@ async def stream(
                 yield chunk(i, part, logprobs=logprobs if k == 0 else None)
             if delta.finished:
                 usage.add(delta)
-                yield chunk(i, {}, finish=_finish_reason(delta.finish_reason, called[i]))
+                yield chunk(i, {}, finish=finish_reason(delta.finish_reason, called[i]))
         if include_usage:
             payload = {
                 "id": request_id,

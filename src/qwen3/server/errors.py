@@ -77,13 +77,18 @@ def param_path(loc: Sequence[str | int]) -> str | None:
     """pydantic's error location as the client's field path: ``("messages", 0, "role")`` -> ``messages[0].role``.
 
     Union members and validator wrappers that pydantic puts in the location (``str``,
-    ``list[TextPart]``, ``function-after[...]``) are not fields and are dropped.
+    ``list[TextPart]``, ``function-after[...]``, a model's class name such as ``NamedToolChoice``) are not
+    fields and are dropped: request fields are snake_case, so a capitalised part is a class name.
     """
     path = ""
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part.isidentifier() and part not in ("str", "int", "float", "bool", "list", "dict"):
+        elif (
+            part.isidentifier()
+            and not part[0].isupper()
+            and part not in ("str", "int", "float", "bool", "list", "dict")
+        ):
             path += f".{part}" if path else part
     return path or None
 
@@ -107,6 +112,17 @@ def from_validation_error(exc: ValidationError | RequestValidationError, strip: 
     return APIError(400, f"{param}: {message}" if param else message, param=param)
 
 
+def _endpoints(app: FastAPI) -> list[str]:
+    """``METHOD /path`` of every route (documentation pages last), for the 404 of an unknown path."""
+    found = []
+    for route in app.routes:
+        methods = sorted(getattr(route, "methods", None) or []) or ["GET"]
+        path = getattr(route, "path", "")
+        found += [f"{method} {path}" for method in methods if method != "HEAD"]
+    docs = ("/docs", "/redoc", "/openapi")
+    return sorted(found, key=lambda entry: (entry.split()[1].startswith(docs), entry.split()[1]))
+
+
 def install_handlers(app: FastAPI) -> None:
     """Route every error the app can raise into the OpenAI shape."""
 
@@ -119,7 +135,11 @@ def install_handlers(app: FastAPI) -> None:
         return from_validation_error(exc, strip=1).response()
 
     @app.exception_handler(HTTPException)
-    async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 404 and exc.detail == "Not Found":  # no route matched: say which exist
+            served = ", ".join(_endpoints(app))
+            message = f"no endpoint {request.method} {request.url.path}; this server serves {served}"
+            return APIError(404, message, code="unknown_endpoint").response()
         return APIError(exc.status_code, str(exc.detail)).response(exc.headers)
 
     @app.exception_handler(Exception)

@@ -2,43 +2,95 @@
 
 Only what the runtime can honour is modelled; any other field a client sends is ignored, as OpenAI and
 vLLM do (``extra="ignore"``). Types are checked strictly, as OpenAI's API does: ``true`` is not a number,
-``"5"`` is not an integer, NaN and infinities are not numbers (an integer is a valid float). Value ranges
-of sampling fields are checked once, by :class:`qwen3.SamplingParams`, and reported under the name the
-client used (``param_name``).
+``"5"`` is not an integer, NaN and infinities are not numbers (an integer is a valid float). An explicit
+``null`` for a field that has a default means that default, as OpenAI and vLLM read it (SDKs send
+``"n": null``, ``"stream": null``). Value ranges of sampling fields are checked once, by
+:class:`qwen3.SamplingParams`, and reported under the name the client used (``param_name``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from qwen3.structured import GrammarError, StructuredOutputs
 
-# OpenAI's tool-name rule, plus "." which some agent frameworks use for namespaces.
-TOOL_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+MAX_TOOL_NAME = 256  # OpenAI allows 64; MCP-style "server:tool" names run longer, vLLM has no bound
+MAX_TOOLS = 256  # tools in one request (each is rendered into the prompt)
+# Characters a tool name may not hold: control characters (they would break the prompt's lines), and the
+# quote and backslash, which the chat template writes unescaped inside the JSON of earlier calls.
+_BAD_TOOL_NAME = re.compile(r'[\x00-\x1f\x7f"\\]')
+# Reasoning effort (OpenAI's values) -> Qwen3's thinking controls: (thinking on, thinking budget or None).
+# Qwen3 has no effort knob; "none"/"minimal" are its non-thinking mode, "low"/"medium" cap the thinking,
+# "high" and above let it think as long as it wants (up to max_tokens).
+EFFORT_BUDGETS: dict[str, tuple[bool, int | None]] = {
+    "none": (False, None),
+    "minimal": (False, None),
+    "low": (True, 1024),
+    "medium": (True, 8192),
+    "high": (True, None),
+    "xhigh": (True, None),
+    "max": (True, None),
+}
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+
+
+def _tool_name(value: str) -> str:
+    if _BAD_TOOL_NAME.search(value):
+        raise ValueError("a tool name may not contain control characters, '\"' or '\\'")
+    return value
+
+
+ToolName = Annotated[str, Field(min_length=1, max_length=MAX_TOOL_NAME), AfterValidator(_tool_name)]
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """Drop explicit nulls of fields that have a default, so ``null`` reads as "not given"."""
+        if isinstance(data, dict) and None in data.values():
+            fields = cls.model_fields
+            return {
+                k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()
+            }
+        return data
+
 
 class TextPart(_Body):
-    """One part of a message's content; Qwen3 is text-only, so only ``{"type": "text"}`` parts exist."""
+    """One part of a message's content. Qwen3 is text-only: ``text`` parts, and the Responses API's
+    ``input_text`` / ``output_text`` and ``refusal`` parts (read as their text)."""
 
     type: str
     text: str = ""
+    refusal: str | None = None
 
     @field_validator("type")
     @classmethod
     def _text_only(cls, value: str) -> str:
-        if value != "text":
+        if value not in ("text", "input_text", "output_text", "refusal"):
             raise ValueError(f"content part type {value!r} is not supported (Qwen3 reads text only)")
         return value
 
+    @property
+    def content(self) -> str:
+        return self.refusal if self.type == "refusal" and self.refusal is not None else self.text
+
 
 class FunctionCall(_Body):
-    name: str = Field(min_length=1)
+    name: ToolName
     arguments: str | dict[str, Any] = "{}"
 
 
@@ -51,7 +103,7 @@ class ToolCall(_Body):
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]  # function: legacy tool
     content: str | list[TextPart] | None = None
     name: str | None = None
     reasoning_content: str | None = None
@@ -69,17 +121,15 @@ class ChatMessage(_Body):
         """The dict the chat template reads: text parts joined, ``developer`` read as ``system``."""
         content = self.content
         if isinstance(content, list):
-            content = "\n".join(part.text for part in content)  # vLLM joins text parts the same way
-        message: dict[str, Any] = {
-            "role": "system" if self.role == "developer" else self.role,
-            "content": content,
-        }
+            content = "\n".join(part.content for part in content)  # vLLM joins text parts the same way
+        role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
+        message: dict[str, Any] = {"role": role, "content": content}
         reasoning = self.reasoning_content if self.reasoning_content is not None else self.reasoning
         if self.role == "assistant" and reasoning is not None:
             message["reasoning_content"] = reasoning
         if self.role == "assistant" and self.tool_calls:
             message["tool_calls"] = [call.model_dump(exclude_none=True) for call in self.tool_calls]
-        if self.role == "tool" and self.tool_call_id is not None:
+        if role == "tool" and self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
         if self.name is not None:
             message["name"] = self.name
@@ -87,7 +137,7 @@ class ChatMessage(_Body):
 
 
 class FunctionDefinition(_Body):
-    name: str = Field(pattern=TOOL_NAME_PATTERN)
+    name: ToolName
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -99,12 +149,78 @@ class Tool(_Body):
 
 
 class NamedFunction(_Body):
-    name: str = Field(min_length=1)
+    name: ToolName
+
+
+class ToolReference(_Body):
+    """A function named in ``allowed_tools``: ``{"type": "function", "function": {"name"}}`` (chat) or
+    ``{"type": "function", "name"}`` (Responses)."""
+
+    type: Literal["function"] = "function"
+    function: NamedFunction | None = None
+    name: ToolName | None = None
+
+    @model_validator(mode="after")
+    def _named(self) -> ToolReference:
+        if (self.function is None) == (self.name is None):
+            raise ValueError('name the function once: {"function": {"name": ...}} or {"name": ...}')
+        return self
+
+    @property
+    def tool_name(self) -> str:
+        return self.function.name if self.function is not None else self.name  # type: ignore[return-value]
+
+
+class AllowedTools(_Body):
+    mode: Literal["auto", "required"]
+    tools: list[ToolReference] = Field(min_length=1, max_length=MAX_TOOLS)
 
 
 class NamedToolChoice(_Body):
-    type: Literal["function"] = "function"
-    function: NamedFunction
+    """An object ``tool_choice``, in every shape OpenAI's APIs use:
+
+    - one function: ``{"type": "function", "function": {"name"}}`` (chat) or ``{"type": "function", "name"}``
+      (Responses, and newer chat clients);
+    - a subset of the tools: ``{"type": "allowed_tools", "allowed_tools": {"mode", "tools"}}`` (chat) or
+      ``{"type": "allowed_tools", "mode", "tools"}`` (Responses).
+    """
+
+    type: Literal["function", "allowed_tools"] = "function"
+    function: NamedFunction | None = None
+    name: ToolName | None = None
+    allowed_tools: AllowedTools | None = None
+    mode: Literal["auto", "required"] | None = None
+    tools: list[ToolReference] | None = Field(default=None, min_length=1, max_length=MAX_TOOLS)
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> NamedToolChoice:
+        if self.type == "function" and (self.function is None) == (self.name is None):
+            raise ValueError('name the function once: {"function": {"name": ...}} or {"name": ...}')
+        if self.type == "allowed_tools" and (self.allowed_tools is None) == (
+            self.mode is None or not self.tools
+        ):
+            raise ValueError('give {"allowed_tools": {"mode", "tools"}} or "mode" and "tools"')
+        return self
+
+    def selection(self) -> tuple[Literal["named", "auto", "required"], list[tuple[str, str]]]:
+        """What the choice asks for, and each function it names with that name's param path."""
+        if self.type == "function":
+            if self.function is not None:
+                return "named", [(self.function.name, "tool_choice.function.name")]
+            return "named", [(self.name, "tool_choice.name")]  # type: ignore[list-item]
+        if self.allowed_tools is not None:
+            mode, tools, where = (
+                self.allowed_tools.mode,
+                self.allowed_tools.tools,
+                "tool_choice.allowed_tools.",
+            )
+        else:
+            mode, tools, where = self.mode, self.tools or [], "tool_choice."  # type: ignore[assignment]
+        paths = [
+            (t.tool_name, f"{where}tools[{i}]" + (".function.name" if t.function else ".name"))
+            for i, t in enumerate(tools)
+        ]
+        return mode, paths  # type: ignore[return-value]
 
 
 class StreamOptions(_Body):
@@ -231,13 +347,43 @@ class _CommonFields(_Body):
 
 class ChatCompletionRequest(_CommonFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    functions: list[FunctionDefinition] | None = Field(default=None, max_length=MAX_TOOLS)  # legacy tools
+    function_call: Literal["none", "auto"] | NamedFunction | None = None  # legacy tool_choice
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     thinking_budget: int | None = Field(default=None, ge=0)
+    reasoning_effort: ReasoningEffort | None = None
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _not_both(cls, value: Any, info: ValidationInfo) -> Any:
+        modern = {"functions": "tools", "function_call": "tool_choice"}[info.field_name]  # type: ignore[index]
+        if value is not None and info.data.get(modern) is not None:
+            raise ValueError(f"give {modern} or the legacy {info.field_name}, not both")
+        return value
+
+    @model_validator(mode="after")
+    def _legacy_functions(self) -> ChatCompletionRequest:
+        """OpenAI's deprecated ``functions`` / ``function_call`` are ``tools`` / ``tool_choice`` (clients
+        that still send them get the calls as ``tool_calls``)."""
+        if self.functions is not None:
+            self.tools = [Tool(type="function", function=f) for f in self.functions]
+        call = self.function_call
+        if call is not None:
+            self.tool_choice = call if isinstance(call, str) else NamedToolChoice(function=call)
+        return self
+
+    def thinking_controls(self) -> tuple[bool, int | None]:
+        """``(enable_thinking, thinking_budget)`` by ``thinking_budget`` and ``reasoning_effort``; the
+        template's ``enable_thinking`` (read by the caller) and ``thinking_budget`` win over the effort."""
+        if self.reasoning_effort is None:
+            return True, self.thinking_budget
+        enable, budget = EFFORT_BUDGETS[self.reasoning_effort]
+        return enable, self.thinking_budget if self.thinking_budget is not None else budget
 
     @field_validator("top_logprobs")
     @classmethod

@@ -53,6 +53,7 @@ class ServerConfig:
     plain_text_messages: bool = True  # control tokens only from the template, never from message text
     prepare_threads: int = 4  # worker threads that render and tokenize requests off the event loop
     web_ui: bool = True  # the chat page at / (--no-ui turns it off)
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])  # CORS; "*": any, no credentials
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
