@@ -206,19 +206,19 @@ def test_the_phases_follow_the_tokens(llm):
 
 def test_open_and_thinking_masks(llm):
     backend = llm.engine.config.grammars
-    vocab = backend.vocab_size
-    words = numpy.empty(-(-vocab // 32), dtype=numpy.int32)
-    allowed = numpy.empty(vocab, dtype=bool)
-    state = backend.new_state(StructuredOutputs(choice=CHOICES), thinking=True, reasoning_open=False)
-    state.fill(words, allowed)
-    think = backend.think_start_id
-    assert allowed[think] and 1 < allowed.sum() < 20  # the choices' first tokens, or <think>
-    state.phase = Phase.THINKING
-    state.fill(words, allowed)
-    assert allowed.sum() == vocab - len(backend.eos_ids) and not allowed[backend.eos_ids].any()
-    state.start_answer()
-    state.fill(words, allowed)
-    assert not allowed[think] and not allowed[backend.eos_ids].any()
+    vocab, think, eos = backend.vocab_size, backend.think_start_id, backend.eos_ids
+    open_, thinking, answer = (
+        backend.new_state(StructuredOutputs(choice=CHOICES), thinking=True, reasoning_open=False)
+        for _ in range(3)
+    )
+    thinking.phase = Phase.THINKING
+    answer.start_answer()
+    allowed = backend.start_masks([open_, thinking, answer]).result().numpy()
+    assert allowed.shape == (3, vocab)
+    assert allowed[0, think] and 1 < allowed[0].sum() < 20  # the choices' first tokens, or <think>
+    assert allowed[1].sum() == vocab - len(eos) and not allowed[1, eos].any()  # free, but no end
+    assert not allowed[2, think] and not allowed[2, eos].any()
+    assert (allowed[2] | (numpy.arange(vocab) == think) == allowed[0]).all()
 
 
 # --------------------------------------------------------------- batching, preemption, n, seeds

@@ -255,19 +255,12 @@ class GrammarState:
         self.think_start_id = think_start_id
         self.eos_ids = eos_ids
 
-    def fill(self, words: numpy.ndarray, allowed: numpy.ndarray) -> None:
-        """Write the tokens this sequence may sample next into ``allowed`` (a bool row of the vocabulary);
-        ``words`` is scratch for llguidance's packed mask."""
+    def finish_row(self, allowed: numpy.ndarray) -> None:
+        """Adjust this sequence's row of allowed tokens, already unpacked from its grammar's mask (every
+        token when thinking), for its phase."""
         if self.phase is Phase.THINKING:
-            allowed[:] = True
             allowed[self.eos_ids] = False
-            return
-        self.matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
-        if self.matcher.is_error():
-            raise GrammarError("structured_outputs", _short(self.matcher.get_error()))
-        bits = numpy.unpackbits(words.view(numpy.uint8), bitorder="little")
-        allowed[:] = bits[: len(allowed)].view(bool)
-        if self.phase is Phase.OPEN and self.think_start_id is not None:
+        elif self.phase is Phase.OPEN and self.think_start_id is not None:
             allowed[self.think_start_id] = True
 
     def consume(self, token_id: int) -> bool:
@@ -304,6 +297,7 @@ class GrammarBackend:
         self._cache: OrderedDict[bytes, tuple[llguidance.LLMatcher, int]] = OrderedDict()
         self._cached_chars = 0
         self._pool: ThreadPoolExecutor | None = None
+        self._executor: llguidance.LLExecutor | None = None
         self.compiled = self.cache_hits = 0
 
     @property
@@ -353,13 +347,23 @@ class GrammarBackend:
         caller runs the model meanwhile and takes ``.result()``: a bool tensor [len(states), vocab]."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="qwen3-grammar")
+            self._executor = llguidance.LLExecutor(num_threads=1)  # one native call for all rows
         return self._pool.submit(self._fill, states)
 
     def _fill(self, states: list[GrammarState]) -> torch.Tensor:
-        allowed = numpy.empty((len(states), self.vocab_size), dtype=bool)
-        words = numpy.empty(-(-self.vocab_size // 32), dtype=numpy.int32)
+        words = numpy.full((len(states), -(-self.vocab_size // 32)), -1, dtype=numpy.int32)  # -1: all allowed
+        matchers = [(state.matcher, i) for i, state in enumerate(states) if state.phase is not Phase.THINKING]
+        if matchers:
+            self._executor.unsafe_compute_mask_ptr(
+                matchers, words.ctypes.data, words.shape[1] * 4, len(states)
+            )
+        for state in states:
+            if state.matcher.is_error():
+                raise GrammarError("structured_outputs", _short(state.matcher.get_error()))
+        bits = numpy.unpackbits(words.view(numpy.uint8), axis=1, bitorder="little")
+        allowed = numpy.ascontiguousarray(bits[:, : self.vocab_size]).view(bool)
         for i, state in enumerate(states):
-            state.fill(words, allowed[i])
+            state.finish_row(allowed[i])
         return torch.from_numpy(allowed)
 
 
