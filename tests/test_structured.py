@@ -213,7 +213,7 @@ def test_open_and_thinking_masks(llm):
     )
     thinking.phase = Phase.THINKING
     answer.start_answer()
-    allowed = backend.start_masks([open_, thinking, answer]).result().numpy()
+    allowed = ~backend.start_masks([open_, thinking, answer]).result().numpy()
     assert allowed.shape == (3, vocab)
     assert allowed[0, think] and 1 < allowed[0].sum() < 20  # the choices' first tokens, or <think>
     assert allowed[1].sum() == vocab - len(eos) and not allowed[1, eos].any()  # free, but no end
@@ -404,3 +404,21 @@ def test_tool_parameters_are_checked_with_the_tool_named():
     assert info.value.field == "tools[1].function.parameters"
     with pytest.raises(ValueError):
         tool_call_grammar([CALCULATOR], "sometimes")
+
+
+def test_the_sampler_applies_masks_to_their_rows_only():
+    """Banned tokens are never sampled; other rows are untouched; logprobs stay the model's."""
+    import torch
+
+    from qwen3.sampling import Sampler, SamplingBatch
+
+    logits = torch.tensor([[5.0, 1.0, 0.0], [5.0, 1.0, 0.0]])
+    params = [SamplingParams(temperature=0, logprobs=1)] * 2
+    ones = torch.ones(2)
+    batch = SamplingBatch(["a", "b"], params, [None, None], ones * 0, ones, ones * 0)
+    batch.masked_rows, batch.banned = [1], torch.tensor([[True, False, False]])
+    result = Sampler()(logits.clone(), batch)
+    assert result.token_ids == [0, 1]
+    expected = logits.log_softmax(-1)
+    assert result.logprobs[1][0] == pytest.approx(expected[1, 1].item())  # unmasked: no -inf anywhere
+    assert result.logprobs[1][1][0][0] == 0  # the top alternative is still the banned token

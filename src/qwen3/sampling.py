@@ -202,8 +202,8 @@ class SamplingBatch:
     presence: torch.Tensor | None = None  # [len(penalty_rows)] float32, and the two below
     frequency: torch.Tensor | None = None
     repetition: torch.Tensor | None = None
-    allowed_rows: list[int] = field(default_factory=list)  # rows held to a grammar (qwen3.structured)
-    allowed: torch.Tensor | None = None  # [len(allowed_rows), vocab] bool: the tokens those rows may take
+    masked_rows: list[int] = field(default_factory=list)  # rows held to a grammar (qwen3.structured)
+    banned: torch.Tensor | None = None  # [len(masked_rows), vocab] bool: the tokens those rows may not take
 
 
 @dataclass
@@ -233,15 +233,14 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return logits.index_copy(0, index, sub)
 
 
-def apply_allowed(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Tokens outside a constrained row's allowed set become -inf (the other rows are untouched)."""
-    rows = batch.allowed_rows
-    if not rows:
-        return logits
-    index = index_tensor(rows, logits.device)
-    allowed = batch.allowed.to(logits.device, non_blocking=True)
-    sub = torch.where(allowed, logits.index_select(0, index), float("-inf"))
-    return logits.index_copy(0, index, sub)
+def apply_masks(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Tokens a constrained row may not take become -inf, in place, a row at a time (no copy of the
+    batch's logits; unconstrained rows are not touched)."""
+    if batch.masked_rows:
+        banned = batch.banned.to(logits.device, non_blocking=True)
+        for j, row in enumerate(batch.masked_rows):
+            logits[row].masked_fill_(banned[j], float("-inf"))
+    return logits
 
 
 def _filter_sorted(
@@ -280,8 +279,10 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
         logits = apply_penalties(logits.float(), batch)
-        raw = logits  # logprobs are the model's (after penalties), not the grammar's: never -inf for a choice
-        logits = apply_allowed(logits, batch)
+        # logprobs are the model's (after penalties), not the grammar's: never -inf for an alternative
+        wants_logprobs = any(p.logprobs is not None for p in batch.params)
+        raw = logits.clone() if batch.masked_rows and wants_logprobs else logits
+        logits = apply_masks(logits, batch)
         params = batch.params
         tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]

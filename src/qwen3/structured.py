@@ -16,8 +16,8 @@ phases, which the engine moves on as tokens arrive:
 The grammar work is llguidance's (no dependencies, about 1 ms to compile a schema, masks in tens of
 microseconds): a request's constraint is compiled once per distinct source (a bounded cache keyed by its
 digest), each sequence gets a copy of the compiled matcher, and a step fills the masks of its constrained
-rows on a worker thread while the model runs (llguidance releases the GIL), then applies them in one
-``torch.where`` before sampling. Rows without a constraint cost nothing; a row's mask depends on its own
+rows on a worker thread while the model runs (llguidance releases the GIL), then applies them in place
+(``masked_fill_``, a row at a time) before sampling. Rows without a constraint cost nothing; a row's mask depends on its own
 tokens only, so batch invariance and seeded sampling hold.
 """
 
@@ -255,13 +255,13 @@ class GrammarState:
         self.think_start_id = think_start_id
         self.eos_ids = eos_ids
 
-    def finish_row(self, allowed: numpy.ndarray) -> None:
-        """Adjust this sequence's row of allowed tokens, already unpacked from its grammar's mask (every
-        token when thinking), for its phase."""
+    def finish_row(self, banned: numpy.ndarray) -> None:
+        """Adjust this sequence's row of banned tokens, already unpacked from its grammar's mask (none when
+        thinking), for its phase."""
         if self.phase is Phase.THINKING:
-            allowed[self.eos_ids] = False
+            banned[self.eos_ids] = True
         elif self.phase is Phase.OPEN and self.think_start_id is not None:
-            allowed[self.think_start_id] = True
+            banned[self.think_start_id] = False
 
     def consume(self, token_id: int) -> bool:
         """Advance the grammar by one answer token; False if the grammar rejects it."""
@@ -343,8 +343,9 @@ class GrammarBackend:
         return GrammarState(self.compile(constraint).deep_copy(), phase, self.think_start_id, self.eos_ids)
 
     def start_masks(self, states: list[GrammarState]) -> Future[torch.Tensor]:
-        """Fill the allowed-token rows of ``states`` (one per state, in order) on the worker thread; the
-        caller runs the model meanwhile and takes ``.result()``: a bool tensor [len(states), vocab]."""
+        """Fill the banned-token rows of ``states`` (one per state, in order) on the worker thread; the
+        caller runs the model meanwhile and takes ``.result()``: a bool tensor [len(states), vocab], True
+        where a token may not be sampled."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="qwen3-grammar")
             self._executor = llguidance.LLExecutor(num_threads=1)  # one native call for all rows
@@ -360,11 +361,12 @@ class GrammarBackend:
         for state in states:
             if state.matcher.is_error():
                 raise GrammarError("structured_outputs", _short(state.matcher.get_error()))
-        bits = numpy.unpackbits(words.view(numpy.uint8), axis=1, bitorder="little")
-        allowed = numpy.ascontiguousarray(bits[:, : self.vocab_size]).view(bool)
+        numpy.invert(words, out=words)  # llguidance's bits say allowed; the sampler wants banned
+        bits = numpy.unpackbits(words.view(numpy.uint8), axis=1, count=self.vocab_size, bitorder="little")
+        banned = bits.view(bool)
         for i, state in enumerate(states):
-            state.finish_row(allowed[i])
-        return torch.from_numpy(allowed)
+            state.finish_row(banned[i])
+        return torch.from_numpy(banned)
 
 
 __all__ = [

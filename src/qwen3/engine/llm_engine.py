@@ -278,8 +278,8 @@ class LLMEngine:
                 batch = self.runner.batch.sampling_batch(sampled)
                 if masks is not None:
                     order = {seq: i for i, seq in enumerate(sampled)}
-                    batch.allowed_rows = [order[s] for s in constrained]
-                    batch.allowed = masks.result()
+                    batch.masked_rows = [order[s] for s in constrained]
+                    batch.banned = masks.result()
                 result = self.sampler(logits, batch)
         except Exception as exc:
             for generator, state in states:
