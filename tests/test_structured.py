@@ -419,6 +419,10 @@ def test_the_sampler_applies_masks_to_their_rows_only():
     batch.masked_rows, batch.banned = [1], torch.tensor([[True, False, False]])
     result = Sampler()(logits.clone(), batch)
     assert result.token_ids == [0, 1]
+    batch.masked_rows, batch.banned = [0, 1], torch.tensor([[True, False, False], [False, False, False]])
+    assert Sampler()(logits.clone(), batch).token_ids == [1, 0]  # every row masked: the one-call path
+    batch.masked_rows = [1, 0]
+    assert Sampler()(logits.clone(), batch).token_ids == [0, 1]  # out of order: row by row
     expected = logits.log_softmax(-1)
     assert result.logprobs[1][0] == pytest.approx(expected[1, 1].item())  # unmasked: no -inf anywhere
     assert result.logprobs[1][1][0][0] == 0  # the top alternative is still the banned token

@@ -234,12 +234,16 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 
 def apply_masks(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Tokens a constrained row may not take become -inf, in place, a row at a time (no copy of the
-    batch's logits; unconstrained rows are not touched)."""
-    if batch.masked_rows:
+    """Tokens a constrained row may not take become -inf, in place (no copy of the batch's logits): in one
+    call when every row is constrained, in their order (the common case), else a row at a time."""
+    rows = batch.masked_rows
+    if rows:
         banned = batch.banned.to(logits.device, non_blocking=True)
-        for j, row in enumerate(batch.masked_rows):
-            logits[row].masked_fill_(banned[j], float("-inf"))
+        if rows == list(range(logits.shape[0])):
+            logits.masked_fill_(banned, float("-inf"))
+        else:
+            for j, row in enumerate(rows):
+                logits[row].masked_fill_(banned[j], float("-inf"))
     return logits
 
 
