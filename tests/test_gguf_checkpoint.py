@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwen3 import CheckpointError, load_model
+from qwen3 import CheckpointError, SamplingParams, StructuredOutputs, load_model
 from qwen3.gguf_checkpoint import SUPPORTED_TYPES, GGUFCheckpoint, dequantize, save_gguf
 from qwen3.gguf_random import random_blocks
 from qwen3.llm import LLM, default_model_dir
@@ -231,6 +231,11 @@ def test_llm_chat_and_the_cli_take_a_gguf(files, tmp_path):
     llm = LLM(str(files["q8_0"]), max_model_len=256, kv_cache_memory="8MiB", progress=False)
     out = llm.chat([{"role": "user", "content": "Hi"}], thinking_budget=4)
     assert out.token_ids and llm.model_dir == files["q8_0"]
+    # the tokenizer rebuilt from the file's metadata serves structured outputs too
+    held = SamplingParams(
+        temperature=0, max_tokens=8, structured_outputs=StructuredOutputs(choice=["yes", "no"])
+    )
+    assert llm.chat([{"role": "user", "content": "Hi"}], held, enable_thinking=False).content in ("yes", "no")
     target = tmp_path / "default-q4_0.gguf"
     cli = [sys.executable, "-m", "qwen3.cli"]
     subprocess.run([*cli, "quantize", str(default_model_dir()), str(target), "--type", "q4_0"], check=True)

@@ -426,3 +426,9 @@ def test_the_sampler_applies_masks_to_their_rows_only():
     expected = logits.log_softmax(-1)
     assert result.logprobs[1][0] == pytest.approx(expected[1, 1].item())  # unmasked: no -inf anywhere
     assert result.logprobs[1][1][0][0] == 0  # the top alternative is still the banned token
+
+
+def test_a_tokenizer_llguidance_cannot_read_is_a_request_error():
+    backend = GrammarBackend("{not a tokenizer", 1024, [1000], None)
+    with pytest.raises(GrammarError, match="unsupported with this tokenizer"):
+        backend.compile(StructuredOutputs(regex="a"))

@@ -306,9 +306,14 @@ class GrammarBackend:
         """llguidance's view of the vocabulary, built on first use (about a second for Qwen3's 151k)."""
         with self._lock:
             if self._tokenizer is None:
-                self._tokenizer = llguidance.LLTokenizer(
-                    self._tokenizer_json, n_vocab=self.vocab_size, eos_token=self.eos_ids
-                )
+                try:
+                    self._tokenizer = llguidance.LLTokenizer(
+                        self._tokenizer_json, n_vocab=self.vocab_size, eos_token=self.eos_ids
+                    )
+                except Exception as exc:  # a tokenizer llguidance cannot read: no constraint can run
+                    raise GrammarError(
+                        "structured_outputs", f"unsupported with this tokenizer: {exc}"
+                    ) from None
             return self._tokenizer
 
     def compile(self, constraint: StructuredOutputs) -> llguidance.LLMatcher:
