@@ -432,3 +432,55 @@ def test_a_tokenizer_llguidance_cannot_read_is_a_request_error():
     backend = GrammarBackend("{not a tokenizer", 1024, [1000], None)
     with pytest.raises(GrammarError, match="unsupported with this tokenizer"):
         backend.compile(StructuredOutputs(regex="a"))
+
+
+def test_hostile_constraints_fail_alone_and_never_crash(llm):
+    """Found in review: thousands of chained rules or $refs overflowed a thread's stack in llguidance's
+    builder (the process died); deep JSON text raised RecursionError (a 500); an ambiguous grammar slowed
+    every step. Now they compile on a deep-stack thread, are refused, or fail only their own request."""
+    prompt = llm.tokenizer.encode("hi")
+    chain = "start: r0\n" + "\n".join(f'r{i}: "{i}" r{i + 1} | "z"' for i in range(3000)) + '\nr3000: "end"'
+    defs = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(3000)} | {"d3000": {"type": "integer"}}
+    for constraint in (
+        StructuredOutputs(grammar=chain),
+        StructuredOutputs(json={"$defs": defs, "$ref": "#/$defs/d0"}),
+    ):
+        llm.engine.check_request(prompt, SamplingParams(structured_outputs=constraint))  # compiles
+    for text in ("[" * 3000, '{"a":' * 2000):
+        with pytest.raises(RequestError, match="nested too deeply"):
+            llm.engine.check_request(prompt, SamplingParams(structured_outputs=StructuredOutputs(json=text)))
+    ambiguous = StructuredOutputs(grammar='start: x\nx: x x | x x x | "a"')
+    fine = StructuredOutputs(choice=CHOICES)
+    greedy = SamplingParams(temperature=0, max_tokens=400)
+    bad, good = llm.generate(["hi", "hi"], [greedy.replace(structured_outputs=c) for c in (ambiguous, fine)])
+    assert bad.finish_reason == "error" and "structured_outputs" in bad.outputs[0].error
+    assert good.finish_reason == "stop" and good.text in CHOICES
+
+
+def test_a_budget_means_reasoning_first_whatever_the_flag(llm):
+    """``thinking_budget`` without ``thinking=True``: the grammar still waits for the end of the reasoning
+    (review finding: it started at once and then never advanced)."""
+    engine, tokenizer = llm.engine, llm.tokenizer
+    prompt = tokenizer.encode("<|im_start|>user\nMood?<|im_end|>\n<|im_start|>assistant\n")
+    params = SamplingParams(
+        temperature=0, max_tokens=120, structured_outputs=StructuredOutputs(choice=CHOICES)
+    )
+    engine.add_request("budget", prompt, params, thinking_budget=5)
+    ids: list[int] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            ids += out.new_token_ids
+    answer = tokenizer.decode(ids, skip_special_tokens=True).split("</think>")[-1].strip()
+    assert answer in CHOICES
+
+
+def test_gbnf_is_told_from_lark_by_its_rules():
+    lark = StructuredOutputs(grammar='start: "a::=b"').source()
+    assert "a::=b" in lark
+    assert "start" in StructuredOutputs(grammar='root ::= "x"').source()
+
+
+def test_closed_objects_leave_one_of_and_not_alone():
+    one_of = {"oneOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]}
+    negated = {"not": {"properties": {"a": {}}}, "if": {"properties": {"b": {}}}}
+    assert closed_objects(one_of) == one_of and closed_objects(negated) == negated

@@ -27,6 +27,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import queue
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -52,6 +54,14 @@ CACHE_SOURCE_CHARS = 16 * 2**20
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 _KINDS = ("json", "regex", "choice", "grammar", "json_object")
+# llguidance's work per token, bounded below its defaults so that one request's grammar cannot slow every
+# step of the batch by much (an ambiguous grammar then fails its own request with "too complex").
+LIMITS = dict(max_items_in_row=500, step_max_items=20_000, step_lexer_fuel=100_000)
+# llguidance builds grammars recursively in native code: thousands of chained rules or $refs (well under
+# MAX_SOURCE_CHARS) overflow a thread's default 8 MiB stack and kill the process. Compiles run on one
+# thread with this much stack (reserved, not committed).
+COMPILE_STACK_BYTES = 512 * 2**20
+_GBNF_RULE = re.compile(r"^\s*[A-Za-z0-9_.-]+\s*::=", re.MULTILINE)
 
 
 class GrammarError(ValueError):
@@ -108,15 +118,17 @@ class StructuredOutputs:
         kind = self.kind
         if kind == "json" or kind == "json_object":
             schema = {"type": "object"} if kind == "json_object" else self.json
-            if isinstance(schema, str):
-                _check_size("json", schema)
-                try:
+            try:
+                if isinstance(schema, str):
+                    _check_size("json", schema)
                     schema = json.loads(schema)
-                except json.JSONDecodeError as exc:
-                    raise GrammarError("json", f"is not valid JSON: {exc}") from None
-            if not isinstance(schema, (Mapping, bool)):
-                raise GrammarError("json", "must be a JSON schema (an object)")
-            text = _json_schema_text(schema)
+                if not isinstance(schema, (Mapping, bool)):
+                    raise GrammarError("json", "must be a JSON schema (an object)")
+                text = _json_schema_text(schema)
+            except json.JSONDecodeError as exc:
+                raise GrammarError("json", f"is not valid JSON: {exc}") from None
+            except RecursionError:
+                raise GrammarError("json", "is nested too deeply") from None
             _check_size("json", text)
             # One newline may follow the value: tokens such as '"}}\n' end a JSON text in Qwen3's
             # vocabulary, and a grammar that stopped at '}' would forbid the token the model wants.
@@ -132,7 +144,7 @@ class StructuredOutputs:
             return llguidance.LLMatcher.grammar_from_lark(text)
         _check_size("grammar", self.grammar)
         grammar = self.grammar
-        if "::=" in grammar:  # GBNF (llama.cpp's): llguidance translates it to its Lark dialect
+        if _GBNF_RULE.search(grammar):  # GBNF (llama.cpp's): llguidance translates it to its Lark dialect
             try:
                 grammar = gbnf_to_lark(grammar)
             except Exception as exc:  # its translator raises plain exceptions on bad input
@@ -144,8 +156,9 @@ class StructuredOutputs:
 
 
 # Keywords whose value is a schema, a list of schemas, or a map from names to schemas.
-_SCHEMA_KEYS = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")
-_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+# Not "not", "if"/"then"/"else" or "oneOf": closing objects there would change what they accept.
+_SCHEMA_KEYS = ("items", "additionalProperties", "contains", "propertyNames")
+_SCHEMA_LISTS = ("anyOf", "prefixItems")
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
@@ -153,7 +166,9 @@ def closed_objects(schema: Any) -> Any:
     """``schema`` with ``additionalProperties: false`` wherever an object lists its ``properties`` and says
     nothing of others: vLLM's default (xgrammar's strict mode), and what OpenAI's strict mode requires.
     Without it a model may append keys without end. An answer valid here is valid against ``schema``.
-    ``allOf`` branches are left as they are (closing each would forbid the others' properties)."""
+    ``allOf`` branches are left as they are (closing each would forbid the others' properties), and so are
+    ``not``, ``if``/``then``/``else`` and ``oneOf`` (closing a branch there can turn a rejection into a
+    match)."""
     if not isinstance(schema, Mapping):
         return schema
     out = dict(schema)
@@ -182,6 +197,45 @@ def _json_schema_text(schema: Mapping[str, Any] | bool) -> str:
 def _literal(text: str) -> str:
     """A Lark string literal matching ``text`` exactly (llguidance reads JSON string escapes)."""
     return json.dumps(text, ensure_ascii=False)
+
+
+class _DeepStackThread:
+    """One long-lived thread with a deep stack, running llguidance's grammar builder for every caller."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def run(self, fn: Any, *args: Any) -> Any:
+        with self._lock:
+            if self._thread is None:
+                previous = threading.stack_size(COMPILE_STACK_BYTES)
+                try:
+                    self._thread = threading.Thread(
+                        target=self._serve, name="qwen3-grammar-compile", daemon=True
+                    )
+                    self._thread.start()
+                finally:
+                    threading.stack_size(previous)
+        done: Future = Future()
+        self._jobs.put((fn, args, done))
+        return done.result()
+
+    def _serve(self) -> None:
+        while True:
+            fn, args, done = self._jobs.get()
+            try:
+                done.set_result(fn(*args))
+            except BaseException as exc:  # handed to the caller, which re-raises it
+                done.set_exception(exc)
+
+
+_COMPILER = _DeepStackThread()
+
+
+def _limits() -> llguidance.LLParserLimits:
+    return llguidance.LLParserLimits(**LIMITS)
 
 
 def _check_size(field_name: str, text: str) -> None:
@@ -226,7 +280,7 @@ def check_tool_parameters(tools: Sequence[Mapping[str, Any]]) -> None:
         parameters = tool.get("function", tool).get("parameters")
         if parameters is not None:
             source = StructuredOutputs(json=parameters).source()
-            error = llguidance.LLMatcher.validate_grammar(source)
+            error = _COMPILER.run(llguidance.LLMatcher.validate_grammar, source, None)
             if error:
                 raise GrammarError(f"tools[{i}].function.parameters", _short(error))
 
@@ -327,7 +381,10 @@ class GrammarBackend:
                 self._cache.move_to_end(key)
                 self.cache_hits += 1
                 return hit[0]
-        matcher = llguidance.LLMatcher(self.tokenizer, source, log_level=0)
+        tokenizer = self.tokenizer
+        matcher = _COMPILER.run(
+            lambda: llguidance.LLMatcher(tokenizer, source, log_level=0, limits=_limits())
+        )
         if matcher.is_error():
             raise GrammarError(constraint.kind, _short(matcher.get_error()))
         with self._lock:
@@ -374,9 +431,9 @@ class GrammarBackend:
             self._executor.unsafe_compute_mask_ptr(
                 matchers, words.ctypes.data, words.shape[1] * 4, len(states)
             )
-        for state in states:
-            if state.matcher.is_error():
-                raise GrammarError("structured_outputs", _short(state.matcher.get_error()))
+        failed = [i for i, state in enumerate(states) if state.matcher.is_error()]
+        for i in failed:  # the grammar gave up (too complex): any token will do, the engine fails the row
+            words[i] = -1
         numpy.invert(words, out=words)  # llguidance's bits say allowed; the sampler wants banned
         bits = numpy.unpackbits(words.view(numpy.uint8), axis=1, count=self.vocab_size, bitorder="little")
         banned = bits.view(bool)

@@ -200,7 +200,8 @@ class LLMEngine:
             seq.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
         tokens = self.config.thinking
         constrained = params.structured_outputs is not None
-        thinking = (thinking or reasoning_started) and tokens is not None
+        # a budget or a prompt that opened <think> means the model reasons first, whatever the caller said
+        thinking = (thinking or reasoning_started or thinking_budget is not None) and tokens is not None
         if (
             thinking_budget is not None or answer_prefix_ids or constrained and thinking
         ) and tokens is not None:
@@ -314,7 +315,9 @@ class LLMEngine:
         inserted: list[int] = []
         finish = error = None
         grammar = seq.grammar
-        if token in self.config.eos_token_ids and not params.ignore_eos:
+        if grammar is not None and grammar.error:  # it gave up filling this row's mask (too complex)
+            finish, error = "error", f"structured_outputs: {grammar.error}"
+        elif token in self.config.eos_token_ids and not params.ignore_eos:
             finish = "stop"
         elif token in params.stop_token_ids:
             finish, seq.stop_reason = "stop", token

@@ -16,8 +16,8 @@ sample, force tool calls and think identically; only the shapes differ.
   "none"/"minimal" non-thinking, "low" 1,024 and "medium" 8,192 thinking tokens, "high" and above no cap).
 - **Stateless.** Nothing is kept: ``store`` is accepted and answered as false; ``previous_response_id``,
   ``conversation`` and ``item_reference`` items (which need stored responses) and ``background`` are
-  refused with a 400 naming the field. ``text.format`` other than text (structured outputs) is refused too,
-  for now.
+  refused with a 400 naming the field. ``text.format`` (``json_object``, ``json_schema``) is the chat
+  endpoint's ``response_format``: a structured output held from the end of the reasoning.
 - **Streaming** sends OpenAI's typed events, numbered by ``sequence_number``: ``response.created``,
   ``response.in_progress``, then per output item ``response.output_item.added``,
   ``response.content_part.added``, the text deltas (``response.reasoning_text.delta`` /
