@@ -91,9 +91,7 @@ class EngineOutput:
 
 
 class LLMEngine:
-    def __init__(
-        self, model: Qwen3ForCausalLM, config: EngineConfig, workers: Workers | None = None
-    ) -> None:
+    def __init__(self, model: Qwen3ForCausalLM, config: EngineConfig, workers: Workers | None = None) -> None:
         """``workers``: the tensor-parallel ranks the runner drives (``model`` is then rank 0's shard)."""
         self.model = model
         self.config = config
