@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -23,6 +24,9 @@ from qwen3.device import check_weights_fit
 from qwen3.gguf_checkpoint import is_gguf, load_gguf_model
 from qwen3.hub import CheckpointError, file_in, read_json, resolve_model_dir
 from qwen3.model import Qwen3ForCausalLM, checkpoint_layout, iter_checkpoint_tensors, model_class
+
+if TYPE_CHECKING:
+    from qwen3.distributed import TensorParallel
 
 logger = logging.getLogger(__name__)
 
@@ -75,22 +79,29 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    tp: TensorParallel | None = None,
 ) -> Qwen3ForCausalLM:
     """Load a Qwen3 or Qwen3-MoE checkpoint from a local folder or a Hugging Face Hub repo id.
 
     ``dtype`` None keeps the checkpoint's own dtype (config ``torch_dtype``/``dtype``, else float32),
     so weights arrive bit for bit; another dtype converts them. The model is returned in eval mode.
     A ``.gguf`` file (or ``owner/repo:FILE.gguf``) is read by :mod:`qwen3.gguf_checkpoint`.
+    ``tp`` (tensor parallel): build and read this rank's shard only, each tensor's slice straight from the file.
     """
     if is_gguf(source):
+        if tp is not None:
+            raise CheckpointError(
+                f"{source}: tensor parallel loads safetensors checkpoints only (not GGUF yet)"
+            )
         return load_gguf_model(source, dtype, device, progress)
     folder = resolve_model_dir(source)
     config = load_config(folder)
     target_dtype = parse_dtype(dtype) or config.torch_dtype or torch.float32
     files = weight_files(folder)
-    check_weights_fit(config.num_parameters(), target_dtype, device, folder / "config.json")
+    shards = tp.size if tp else 1
+    check_weights_fit(config.num_parameters() // shards, target_dtype, device, folder / "config.json")
     with torch.device("meta"):
-        model = model_class(config)(config)
+        model = model_class(config)(config, tp)
     model = model.to_empty(device=device).to(target_dtype)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -104,7 +115,10 @@ def fill_parameters(model: Qwen3ForCausalLM, files: list[Path], progress: bool =
     Quantized weights are dequantized on the way (their companion tensors may be in another shard):
     FP8 (float8_e4m3fn with a ``weight_scale_inv`` per block): ``W[block] = fp8.float() * scale[block]``;
     AWQ (``qweight``/``qzeros``/``scales``, 4-bit GEMM packing): ``W.T = (q - zero) * scale`` per group.
+    Under tensor parallel (``model.tp``) each tensor's slice for this rank is read with ``get_slice``: the
+    rest of the tensor is never read into memory.
     """
+    tp = model.tp
     layout = checkpoint_layout(model)
     seen: dict[str, Path] = {}
     names = {path: _tensor_names(path) for path in files}
@@ -128,6 +142,10 @@ def fill_parameters(model: Qwen3ForCausalLM, files: list[Path], progress: bool =
                     if name in companions:
                         continue  # read with its weight
                     awq = name.endswith(".qweight")
+                    if tp is not None and awq:
+                        raise CheckpointError(
+                            f"{path}: tensor parallel does not load AWQ weights yet ({name!r})"
+                        )
                     if awq:  # the weight it packs, under the name the model knows
                         name = name.removesuffix(".qweight") + ".weight"
                         if name in seen:
@@ -149,6 +167,8 @@ def fill_parameters(model: Qwen3ForCausalLM, files: list[Path], progress: bool =
                             model.config, path, prefix, f.get_tensor(prefix + ".qweight"), companions
                         )
                         used.update(prefix + part for part in _AWQ_PARTS)
+                    elif tp is not None and (part := tp.checkpoint_slice(name)) is not None:
+                        tensor = f.get_slice(name)[part]
                     else:
                         tensor = f.get_tensor(name)
                     if tuple(tensor.shape) != tuple(target.shape):
@@ -157,6 +177,10 @@ def fill_parameters(model: Qwen3ForCausalLM, files: list[Path], progress: bool =
                             f"expected {tuple(target.shape)} from config.json"
                         )
                     if tensor.dtype == torch.float8_e4m3fn:
+                        if tp is not None:
+                            raise CheckpointError(
+                                f"{path}: tensor parallel does not load FP8 weights yet ({name!r})"
+                            )
                         tensor = _dequantize_fp8(model.config, path, name, tensor, companions)
                         used.add(name + "_scale_inv")
                     elif tensor.dtype not in _FLOAT_DTYPES:

@@ -10,7 +10,7 @@ module runs with no cache, a contiguous KV cache, or the engine's paged cache.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,9 @@ from torch import nn
 
 from qwen3 import kernels
 from qwen3.config import Qwen3Config
+
+if TYPE_CHECKING:
+    from qwen3.distributed import TensorParallel
 
 
 class Linear(nn.Linear):
@@ -29,6 +32,8 @@ class Linear(nn.Linear):
 
     packed: kernels.PackedWeight | kernels.QuantWeight | tuple[kernels.QuantWeight, ...] | None = None
     packable = True  # False where the owner packs this weight in a fused layout of its own
+    # Row-parallel (tensor parallel): the ranks' partial products are summed here, then the bias added once.
+    reduce: TensorParallel | None = None
 
     def pack(self) -> None:
         if self.quantized:
@@ -41,9 +46,15 @@ class Linear(nn.Linear):
         return isinstance(self.packed, (kernels.QuantWeight, tuple))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.reduce is None else None
         if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
-        return kernels.linear(x, self.weight, self.packed, self.bias)
+            out = F.linear(x, self.weight, bias)
+        else:
+            out = kernels.linear(x, self.weight, self.packed, bias)
+        if self.reduce is None:
+            return out
+        out = self.reduce.all_reduce(out)
+        return out if self.bias is None else out + self.bias
 
 
 class RMSNorm(nn.Module):
@@ -190,19 +201,23 @@ class NoCache:
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with QK-norm; fused q/k/v projection (one matmul per step)."""
+    """Grouped-query attention with QK-norm; fused q/k/v projection (one matmul per step).
 
-    def __init__(self, config: Qwen3Config, layer_idx: int) -> None:
+    With ``tp`` it holds this rank's heads only (column-parallel q/k/v, row-parallel o_proj).
+    """
+
+    def __init__(self, config: Qwen3Config, layer_idx: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads = tp.num_heads if tp else config.num_attention_heads
+        self.num_kv_heads = tp.num_kv_heads if tp else config.num_key_value_heads
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        self.o_proj.reduce = tp
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
@@ -228,14 +243,20 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward with gate and up fused into one matrix: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward with gate and up fused into one matrix: down(silu(gate(x)) * up(x)).
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    With ``tp`` it holds this rank's slice of the intermediate size (column-parallel gate/up,
+    row-parallel down_proj).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
+        intermediate_size = tp.intermediate_size if tp else intermediate_size
         self.intermediate_size = intermediate_size
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.gate_up_proj.packable = False  # packed below, gate and up rows interleaved
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj.reduce = tp
         # packed for the bf16 kernel; or quantized: fused, or (gate, up) in two formats
         self.packed_gate_up: (
             kernels.PackedWeight | kernels.QuantWeight | tuple[kernels.QuantWeight, ...] | None
@@ -371,13 +392,13 @@ class SparseMoeBlock(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm attention and feed-forward (dense SwiGLU or MoE), each with a residual."""
 
-    def __init__(self, config: Qwen3Config, layer_idx: int) -> None:
+    def __init__(self, config: Qwen3Config, layer_idx: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = Attention(config, layer_idx, tp)
         self.mlp: nn.Module = (
             SparseMoeBlock(config)
             if config.is_sparse_layer(layer_idx)
-            else MLP(config.hidden_size, config.intermediate_size)
+            else MLP(config.hidden_size, config.intermediate_size, tp)
         )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)

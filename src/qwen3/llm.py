@@ -8,6 +8,7 @@ reasoning, content and tool calls.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -32,6 +33,7 @@ from qwen3.chat import (
 )
 from qwen3.checkpoint import load_config, load_model
 from qwen3.config import parse_dtype
+from qwen3.distributed import TensorParallel, Workers
 from qwen3.engine.attention import DECODE_GATHER_KEYS
 from qwen3.engine.llm_engine import STOP_THINKING_TEXT, EngineConfig, LLMEngine, ThinkingTokens
 from qwen3.engine.memory import default_budget, plan_kv_cache
@@ -156,6 +158,7 @@ class LLM:
         batch_invariant: bool = False,
         skip_tokenizer_init: bool = False,
         progress: bool = True,
+        tensor_parallel_size: int = 1,
     ) -> None:
         """Load ``model`` (a folder, Hub repo id, GGUF file or ``owner/repo:FILE.gguf``; None: the shipped
         tiny Qwen3) and size its engine.
@@ -168,6 +171,8 @@ class LLM:
         ``attention_backend``: "kernel" (qwen3's CPU kernel), "torch", or None for the best that runs.
         On the CPU kernels results never depend on the batch; ``batch_invariant`` makes the torch path
         (CUDA) so too, at a cost (fixed-shape steps; see ``qwen3.engine.model_runner``).
+        ``tensor_parallel_size`` N > 1 spawns N - 1 worker processes, each holding its shard of the weights
+        and of the KV cache (``qwen3.distributed``); this process is rank 0. Call :meth:`close` to stop them.
         """
         gguf = GGUFCheckpoint(resolve_gguf(model)) if model is not None and is_gguf(model) else None
         folder = default_model_dir() if model is None else gguf.path if gguf else resolve_model_dir(model)
@@ -195,7 +200,21 @@ class LLM:
         self.generation_config = (
             gguf.generation_config() if gguf else self._generation_config(folder / "generation_config.json")
         )
-        if gguf:
+        self.workers: Workers | None = None
+        if tensor_parallel_size > 1:
+            if gguf:
+                raise ValueError("tensor_parallel_size > 1 loads safetensors checkpoints only (not GGUF yet)")
+            tp = TensorParallel(
+                0, tensor_parallel_size, load_config(folder)
+            )  # refuses a config it cannot split
+            self.workers = Workers(tensor_parallel_size, str(folder), dtype, device)
+            try:
+                tp = dataclasses.replace(tp, group=self.workers.group)
+                self.model = load_model(folder, dtype=dtype, device=device, progress=progress, tp=tp)
+            except BaseException:
+                self.workers.close()
+                raise
+        elif gguf:
             self.model = load_gguf_model(gguf, dtype=dtype, device=device, progress=progress)
         else:
             self.model = load_model(folder, dtype=dtype, device=device, progress=progress)
@@ -220,7 +239,7 @@ class LLM:
             attention_backend=attention_backend,
             batch_invariant=batch_invariant,
         )
-        self.engine = LLMEngine(self.model, engine_config)
+        self.engine = LLMEngine(self.model, engine_config, self.workers)
         # Held while anything steps the engine: offline calls and an AsyncLLM thread may share it.
         self.lock = threading.RLock()
         logger.info(
@@ -228,6 +247,11 @@ class LLM:
             plan.num_blocks, block_size, plan.memory_bytes / 2**20, plan.budget_source, plan.max_model_len,
             type(self.engine.runner.backend).__name__,
         )  # fmt: skip
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (the LLM cannot generate afterwards)."""
+        if self.workers is not None:
+            self.workers.close()
 
     @torch.inference_mode()
     def _activation_peak(self, tokens: int, rows: int) -> int:

@@ -13,6 +13,7 @@ saving both use that one map.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -31,14 +32,19 @@ from qwen3.layers import (
     causal_attention,
 )
 
+if TYPE_CHECKING:
+    from qwen3.distributed import TensorParallel
+
 
 class Qwen3Model(nn.Module):
-    """Embedding, decoder layers, final norm: token ids to hidden states."""
+    """Embedding, decoder layers, final norm: token ids to hidden states (``tp``: this rank's shard)."""
 
-    def __init__(self, config: Qwen3Config) -> None:
+    def __init__(self, config: Qwen3Config, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.tp = tp
+        vocab = tp.vocab_shard[1] - tp.vocab_shard[0] if tp else config.vocab_size
+        self.embed_tokens = nn.Embedding(vocab, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, tp) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
 
@@ -49,7 +55,7 @@ class Qwen3Model(nn.Module):
         backend: AttentionBackend,
         max_position: int | None = None,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if self.tp is None else self.tp.embed(self.embed_tokens, input_ids)
         rope = self.rotary(positions, x.dtype, max_position)
         for layer in self.layers:
             x = layer(x, rope, backend)
@@ -57,13 +63,18 @@ class Qwen3Model(nn.Module):
 
 
 class Qwen3ForCausalLM(nn.Module):
-    """Dense Qwen3 (and, through :class:`Qwen3MoeForCausalLM`, the MoE variant)."""
+    """Dense Qwen3 (and, through :class:`Qwen3MoeForCausalLM`, the MoE variant).
 
-    def __init__(self, config: Qwen3Config) -> None:
+    ``tp`` (qwen3.distributed): build this rank's shard only; the forward pass then meets the other ranks
+    at the row-parallel layers' all-reduces and gathers the vocab-parallel logits.
+    """
+
+    def __init__(self, config: Qwen3Config, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = Qwen3Model(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tp = tp
+        self.model = Qwen3Model(config, tp)
+        self.lm_head = Linear(config.hidden_size, self.model.embed_tokens.num_embeddings, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -86,7 +97,13 @@ class Qwen3ForCausalLM(nn.Module):
         return self.model(input_ids, positions, backend or NoCache(), max_position)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        return logits if self.tp is None else self.tp.gather_last(logits)
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads this model's cache holds (this rank's, under tensor parallel)."""
+        return self.model.layers[0].self_attn.num_kv_heads
 
     def forward(
         self,

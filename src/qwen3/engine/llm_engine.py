@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qwen3.distributed import ParallelError, Workers
 from qwen3.engine.block_manager import BlockManager
 from qwen3.engine.model_runner import ModelRunner
 from qwen3.engine.scheduler import Scheduler
@@ -90,14 +91,15 @@ class EngineOutput:
 
 
 class LLMEngine:
-    def __init__(self, model: Qwen3ForCausalLM, config: EngineConfig) -> None:
+    def __init__(self, model: Qwen3ForCausalLM, config: EngineConfig, workers: Workers | None = None) -> None:
+        """``workers``: the tensor-parallel ranks the runner drives (``model`` is then rank 0's shard)."""
         self.model = model
         self.config = config
         self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(
             model, config.num_blocks, config.block_size, config.max_num_seqs, config.max_model_len,
-            config.attention_backend, config.batch_invariant,
+            config.attention_backend, config.batch_invariant, workers,
         )  # fmt: skip
         self.sampler = Sampler()
         self.requests: dict[str, Sequence] = {}
@@ -282,6 +284,8 @@ class LLMEngine:
                     batch.masked_rows = [order[s] for s in constrained]
                     batch.banned = masks.result()
                 result = self.sampler(logits, batch)
+        except ParallelError:
+            raise  # a rank is gone: no retry can succeed, and the ranks must not fall out of lockstep
         except Exception as exc:
             for generator, state in states:
                 generator.set_state(state)

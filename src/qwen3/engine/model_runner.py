@@ -16,6 +16,10 @@ and a GEMM's rows do not depend on each other. It costs the padding and more, sm
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +35,19 @@ from qwen3.engine.input_batch import InputBatch
 from qwen3.engine.sequence import Sequence
 from qwen3.model import Qwen3ForCausalLM
 
+if TYPE_CHECKING:
+    from qwen3.distributed import Workers
+
+
+@dataclass
+class StepInputs:
+    """A step's model calls, host-side (what rank 0 broadcasts to tensor-parallel workers): each call is
+    (metadata, token ids, positions, max position); then the packed rows whose logits are wanted."""
+
+    calls: list[tuple[AttentionMetadata | RowMetadata, torch.Tensor, torch.Tensor, int]]
+    last_rows: list[int]
+
+
 FIXED_ROWS = 16  # tokens per model call in the batch-invariant torch mode
 KEY_TILE = 256  # keys per attention tile in that mode
 
@@ -45,15 +62,23 @@ class ModelRunner:
         max_model_len: int,
         attention_backend: str | None = None,
         batch_invariant: bool = False,
+        workers: Workers | None = None,
     ) -> None:
+        """``workers``: tensor-parallel ranks (rank 0 only) that are sent each step's inputs."""
+        if workers is not None:  # each rank builds the same runner around its shard
+            workers.send("runner", dict(
+                num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+                max_model_len=max_model_len, attention_backend=attention_backend, batch_invariant=batch_invariant,
+            ))  # fmt: skip
         self.model = model
+        self.workers = workers
         self.device = model.device
         self.block_size = block_size
         config = model.config
         self.scratch_block = num_blocks  # one block past the manager's: where padding rows write
         self.pool = KVPool(
             config.num_hidden_layers, num_blocks + int(batch_invariant), block_size,
-            config.num_key_value_heads, config.head_dim, model.dtype, model.device,
+            model.num_kv_heads, config.head_dim, model.dtype, model.device,
         )  # fmt: skip
         self.backend = make_backend(attention_backend, self.pool, KEY_TILE if batch_invariant else None)
         # The kernel backend is invariant as it is; the torch one needs fixed-shape steps.
@@ -98,59 +123,66 @@ class ModelRunner:
         slots = batch.block_tables[rows[owner], positions // bs].long() * bs + positions % bs
         seq_lens = [b + n for b, n in zip(begins, lengths, strict=True)]
         width = -(-max(seq_lens) // bs)
-        device = self.device
         if self.fixed_rows:
             tables = batch.block_tables.index_select(0, rows[owner])[:, :width]  # each token's sequence's
-            return sampled, self._run_fixed(token_ids, positions, slots, tables, last_rows)
-        meta = AttentionMetadata(
-            slots=to_device(slots, device),
-            block_tables=to_device(batch.block_tables.index_select(0, rows)[:, :width].contiguous(), device),
-            seq_lens=to_device(torch.tensor(seq_lens, dtype=torch.int32), device),
-            query_starts=to_device(
-                torch.cat([torch.zeros(1, dtype=torch.int32), torch.cumsum(lens, 0).int()]), device
-            ),
-            host_seq_lens=seq_lens,
-            host_query_lens=lengths,
-        )
-        self.backend.prepare(meta)
-        ids = index_tensor(token_ids, device)[None]
-        hidden = self.model.hidden_states(
-            ids, to_device(positions, device)[None], self.backend, max(seq_lens)
-        )
-        if not last_rows:
-            return sampled, hidden.new_empty(0)
-        logits = self.model.compute_logits(hidden[0, index_tensor(last_rows, device)])
-        return sampled, logits
+            inputs = self._fixed_inputs(token_ids, positions, slots, tables, last_rows)
+        else:
+            meta = AttentionMetadata(
+                slots=slots,
+                block_tables=batch.block_tables.index_select(0, rows)[:, :width].contiguous(),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+                query_starts=torch.cat([torch.zeros(1, dtype=torch.int32), torch.cumsum(lens, 0).int()]),
+                host_seq_lens=seq_lens,
+                host_query_lens=lengths,
+            )
+            inputs = StepInputs([(meta, torch.tensor(token_ids), positions, max(seq_lens))], last_rows)
+        if self.workers is not None:
+            self.workers.send("step", inputs)  # every rank runs the same step on its shard
+        return sampled, self.execute(inputs)
 
-    def _run_fixed(
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> torch.Tensor:
+        """Run a step laid out by :meth:`run` (on every tensor-parallel rank): logits [len(last_rows), V]."""
+        device = self.device
+        hidden = []
+        for meta, ids, positions, top in inputs.calls:
+            fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}
+            self.backend.prepare(
+                type(meta)(
+                    **{
+                        k: to_device(v, device) if isinstance(v, torch.Tensor) else v
+                        for k, v in fields.items()
+                    }
+                )
+            )
+            out = self.model.hidden_states(to_device(ids, device)[None], to_device(positions, device)[None],
+                                           self.backend, top)  # fmt: skip
+            hidden.append(out[0])
+        if not inputs.last_rows:
+            return hidden[0].new_empty(0)
+        last = torch.cat(hidden).index_select(0, index_tensor(inputs.last_rows, device))
+        if not self.fixed_rows:
+            return self.model.compute_logits(last)
+        rows = self.fixed_rows
+        last = F.pad(last, (0, 0, 0, -len(inputs.last_rows) % rows))
+        logits = [self.model.compute_logits(last[i : i + rows]) for i in range(0, len(last), rows)]
+        return torch.cat(logits)[: len(inputs.last_rows)]
+
+    def _fixed_inputs(
         self, token_ids: list[int], positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
         last_rows: list[int],
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> StepInputs:  # fmt: skip
         """The step in chunks of exactly ``fixed_rows`` tokens (batch-invariant torch mode)."""
-        rows, bs, device = self.fixed_rows, self.block_size, self.device
+        rows, bs = self.fixed_rows, self.block_size
         pad = -len(token_ids) % rows
         ids = torch.tensor(token_ids + [0] * pad)
         positions = F.pad(positions, (0, pad))
         slots = F.pad(slots, (0, pad), value=self.scratch_block * bs)
         tables = F.pad(tables, (0, 0, 0, pad), value=self.scratch_block)
-        hidden = []
+        calls = []
         for start in range(0, len(ids), rows):
             chunk = slice(start, start + rows)
             top = int(positions[chunk].max())
-            self.backend.prepare(
-                RowMetadata(to_device(slots[chunk], device), to_device(tables[chunk].contiguous(), device),
-                            to_device(positions[chunk], device), top)
-            )  # fmt: skip
-            out = self.model.hidden_states(
-                to_device(ids[chunk], device)[None],
-                to_device(positions[chunk], device)[None],
-                self.backend,
-                top,
-            )
-            hidden.append(out[0])
-        if not last_rows:
-            return hidden[0].new_empty(0)
-        last = torch.cat(hidden).index_select(0, index_tensor(last_rows, device))
-        last = F.pad(last, (0, 0, 0, -len(last_rows) % rows))
-        logits = [self.model.compute_logits(last[i : i + rows]) for i in range(0, len(last), rows)]
-        return torch.cat(logits)[: len(last_rows)]
+            meta = RowMetadata(slots[chunk], tables[chunk].contiguous(), positions[chunk], top)
+            calls.append((meta, ids[chunk], positions[chunk], top))
+        return StepInputs(calls, last_rows)
