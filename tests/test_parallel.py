@@ -49,9 +49,15 @@ def test_tp2_greedy_matches_tp1_with_half_the_weights(tmp_path, kv_heads: int) -
         got = [out.token_ids for out in parallel.generate(PROMPTS, GREEDY)]
         assert got == expected
         assert parallel.engine.runner.pool.keys.shape[2] == max(kv_heads // 2, 1)  # only its KV heads
-        ratio = _weight_bytes(parallel) / _weight_bytes(single)
-        # norms are replicated (and, with one KV head, k/v projections too): a little over a half
-        assert 0.5 <= ratio < (0.56 if kv_heads == 2 else 0.66), ratio
+        per_rank = parallel.workers.parameter_bytes(parallel.model)  # each rank counts its own
+        assert len(per_rank) == 2 and per_rank[0] == _weight_bytes(parallel)
+        whole = _weight_bytes(single)
+        for rank, held in enumerate(per_rank):
+            # norms are replicated (and, with one KV head, k/v projections too): a little over a half
+            assert 0.5 <= held / whole < (0.56 if kv_heads == 2 else 0.66), (rank, held, whole)
+        assert per_rank[1] == per_rank[0]  # same shard shapes on every rank
+        # the command left the ranks in lockstep: they still generate as one process does
+        assert [out.token_ids for out in parallel.generate(PROMPTS[:1], GREEDY)] == expected[:1]
     finally:
         parallel.close()
     assert not any(p.is_alive() for p in parallel.workers.processes)

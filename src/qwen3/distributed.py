@@ -172,6 +172,19 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of ``model``'s parameters (tied ones once): what this rank holds resident for the weights."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _gather_int(value: int, device: str | torch.device) -> list[int]:
+    """Every rank's ``value`` in rank order, as one int64 tensor per rank (nothing pickled)."""
+    mine = torch.tensor([value], dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return [int(part.item()) for part in parts]
+
+
 def _worker_main(
     rank: int, size: int, init_method: str, backend: str, source: str, dtype: Any, device: str
 ) -> None:
@@ -198,6 +211,8 @@ def _worker_main(
                 runner = ModelRunner(model, **payload)
             elif kind == "step":
                 runner.execute(payload)
+            elif kind == "parameter_bytes":
+                _gather_int(parameter_bytes(model), device)
     dist.destroy_process_group()
 
 
@@ -212,6 +227,7 @@ class Workers:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         context = mp.get_context("spawn")
         self.size = size
+        self.device = device  # rank 0's: where its side of a collective's tensors live (NCCL: a GPU)
         self.processes: list[multiprocessing.process.BaseProcess] = []
         for rank in range(1, size):
             proc = context.Process(
@@ -241,6 +257,15 @@ class Workers:
             _broadcast((kind, payload))
         except RuntimeError as exc:
             raise ParallelError(f"sending {kind!r} to the tensor-parallel workers failed: {exc}") from exc
+
+    def parameter_bytes(self, model: torch.nn.Module) -> list[int]:
+        """Resident weight bytes of every rank, rank 0's (``model``, its shard) first: the proof that each
+        rank holds about 1/N of the model, asked of the workers themselves rather than assumed."""
+        self.send("parameter_bytes", None)
+        try:
+            return _gather_int(parameter_bytes(model), self.device)
+        except RuntimeError as exc:
+            raise ParallelError(f"gathering the ranks' parameter bytes failed: {exc}") from exc
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the workers (they leave their loop), wait for them, leave the process group."""
