@@ -83,7 +83,7 @@ def traffic(config: dict[str, Any], dtype_bytes: int, layers: int) -> dict[str, 
         "all_reduces_per_step": 2 * layers + 1,  # + the vocab-parallel embedding
         "all_reduce_bytes_per_token_per_layer": 2 * hidden * dtype_bytes,
         "all_reduce_bytes_per_token": (2 * layers + 1) * hidden * dtype_bytes,
-        "logits_bytes_per_token": vocab * 4,  # the all-gathered float32 logits, (N-1)/N of them received
+        "logits_bytes_per_token": vocab * dtype_bytes,  # all-gathered in the model's dtype, (N-1)/N received
     }
 
 
