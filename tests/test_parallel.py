@@ -142,3 +142,29 @@ def test_serve_tp2_answers_as_tp1_and_a_dead_rank_turns_health_503(tiny_checkpoi
         process.terminate()
         output = process.communicate(timeout=60)[0]
     assert "ParallelError" in output and "rank 1" in output, output[-3000:]  # loud: the log says why
+
+
+def test_a_rank_dying_mid_stream_ends_the_stream_and_health(tiny_checkpoint) -> None:
+    """A rank killed while a stream runs: the step's ParallelError stops the engine thread (no hang), the
+    stream ends in-band with the error and [DONE], /health turns 503."""
+    llm = LLM(str(tiny_checkpoint), kv_cache_memory="16MiB", max_model_len=512, progress=False,
+              tensor_parallel_size=2)  # fmt: skip
+    try:
+        with live_server(llm, ServerConfig(["tiny"], web_ui=False)) as live:
+            body = {
+                "model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 480,
+                "temperature": 0, "ignore_eos": True, "stream": True,
+            }  # fmt: skip
+            with httpx.stream("POST", live.base_url + "/chat/completions", json=body, timeout=30) as reply:
+                lines = reply.iter_lines()
+                assert next(line for line in lines if '"content":"' in line or '"reasoning' in line)
+                os.kill(llm.workers.processes[0].pid, signal.SIGKILL)
+                start = time.monotonic()
+                rest = [line for line in lines if line]
+            assert time.monotonic() - start < 15
+            assert rest[-1] == "data: [DONE]" and "generation failed" in rest[-2] and "rank 1" in rest[-2]
+            assert not live.state.front.is_alive()
+            assert isinstance(live.state.front.error, ParallelError)
+            assert httpx.get(live.url + "/health").status_code == 503
+    finally:
+        llm.close()

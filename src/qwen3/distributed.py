@@ -23,6 +23,7 @@ import logging
 import multiprocessing.process
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -242,11 +243,22 @@ class Workers:
 
     def check_alive(self) -> None:
         """Raise :class:`ParallelError` naming the first worker that has exited."""
-        for rank, proc in enumerate(self.processes, start=1):
-            if not proc.is_alive():
-                raise ParallelError(
-                    f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}"
-                )
+        dead = self.who_died(wait=0.0)
+        if dead:
+            raise ParallelError(dead)
+
+    def who_died(self, wait: float = 1.0) -> str:
+        """Which worker has exited ("" if none), waiting up to ``wait`` s for one to be reaped: a collective
+        can fail on a reset connection before the dead rank's process is gone, and the error should still
+        say which rank it was."""
+        deadline = time.monotonic() + wait
+        while True:
+            for rank, proc in enumerate(self.processes, start=1):
+                if not proc.is_alive():
+                    return f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}"
+            if time.monotonic() >= deadline:
+                return ""
+            time.sleep(0.01)
 
     def send(self, kind: str, payload: Any) -> None:
         """Broadcast a command every worker runs in lockstep with this process."""
@@ -256,7 +268,10 @@ class Workers:
         try:
             _broadcast((kind, payload))
         except RuntimeError as exc:
-            raise ParallelError(f"sending {kind!r} to the tensor-parallel workers failed: {exc}") from exc
+            who = self.who_died() or "no rank has exited"
+            raise ParallelError(
+                f"sending {kind!r} to the tensor-parallel workers failed ({who}): {exc}"
+            ) from exc
 
     def parameter_bytes(self, model: torch.nn.Module) -> list[int]:
         """Resident weight bytes of every rank, rank 0's (``model``, its shard) first: the proof that each
@@ -265,7 +280,8 @@ class Workers:
         try:
             return _gather_int(parameter_bytes(model), self.device)
         except RuntimeError as exc:
-            raise ParallelError(f"gathering the ranks' parameter bytes failed: {exc}") from exc
+            who = self.who_died() or "no rank has exited"
+            raise ParallelError(f"gathering the ranks' parameter bytes failed ({who}): {exc}") from exc
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the workers (they leave their loop), wait for them, leave the process group."""
