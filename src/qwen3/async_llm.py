@@ -9,7 +9,8 @@ engine synchronously instead.
 
 Failures stay where they belong: a request whose processing raises, or whose consumer's event loop has
 closed, is aborted alone; a request the engine failed ends its stream with an error. If the thread
-itself dies, :meth:`is_alive` says so (the server's ``/health`` turns 503), every waiting stream raises
+itself dies — a bug, or a tensor-parallel rank that died (:class:`qwen3.distributed.ParallelError`, in
+a step or noticed while idle) — :meth:`is_alive` says so (the server's ``/health`` turns 503), every waiting stream raises
 :class:`EngineDeadError`, and new streams are refused.
 """
 
@@ -68,6 +69,9 @@ class AsyncLLM:
                     self._drain_commands()
                     busy = self.engine.has_unfinished()
                 if not busy:
+                    workers = getattr(self.llm, "workers", None)
+                    if workers is not None:  # a rank that died while idle: say so now (ParallelError),
+                        workers.check_alive()  # not at the next request
                     self._wake.wait(timeout=0.1)
                     self._wake.clear()
                     continue

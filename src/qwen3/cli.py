@@ -312,7 +312,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from qwen3.llm import LLM
     from qwen3.server import ServerConfig, serve
 
-    llm = LLM(args.model, max_num_seqs=args.max_num_seqs, **_engine_options(args))
+    llm = LLM(
+        args.model, max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size,
+        **_engine_options(args),
+    )  # fmt: skip
     config = ServerConfig(
         served_model_names=args.served_model_name or [args.model or "qwen3-default"],
         api_key=args.api_key,
@@ -325,7 +328,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         web_ui=not args.no_ui,
         allowed_origins=[o for arg in args.allowed_origins for o in arg.split(",") if o],
     )
-    serve(llm, config, args.host, args.port)
+    try:
+        serve(llm, config, args.host, args.port)
+    finally:
+        llm.close()  # the tensor-parallel workers, if any, leave with the server
     return 0
 
 
@@ -443,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
         "credentials; a list of origins allows credentials (default: *)",
     )  # fmt: skip
     serve.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch (default: 64)")
+    serve.add_argument(
+        "--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+        help="split the model over N processes (one per GPU; gloo on CPU), this one rank 0 (default: 1)",
+    )  # fmt: skip
     serve.add_argument(
         "--max-queue", type=int, default=256,
         help="sequences that may wait beyond the batch; more get 503 (default: 256)",

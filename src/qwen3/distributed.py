@@ -23,6 +23,7 @@ import logging
 import multiprocessing.process
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -172,6 +173,19 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of ``model``'s parameters (tied ones once): what this rank holds resident for the weights."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _gather_int(value: int, device: str | torch.device) -> list[int]:
+    """Every rank's ``value`` in rank order, as one int64 tensor per rank (nothing pickled)."""
+    mine = torch.tensor([value], dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return [int(part.item()) for part in parts]
+
+
 def _worker_main(
     rank: int, size: int, init_method: str, backend: str, source: str, dtype: Any, device: str
 ) -> None:
@@ -198,6 +212,8 @@ def _worker_main(
                 runner = ModelRunner(model, **payload)
             elif kind == "step":
                 runner.execute(payload)
+            elif kind == "parameter_bytes":
+                _gather_int(parameter_bytes(model), device)
     dist.destroy_process_group()
 
 
@@ -212,6 +228,7 @@ class Workers:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         context = mp.get_context("spawn")
         self.size = size
+        self.device = device  # rank 0's: where its side of a collective's tensors live (NCCL: a GPU)
         self.processes: list[multiprocessing.process.BaseProcess] = []
         for rank in range(1, size):
             proc = context.Process(
@@ -226,11 +243,22 @@ class Workers:
 
     def check_alive(self) -> None:
         """Raise :class:`ParallelError` naming the first worker that has exited."""
-        for rank, proc in enumerate(self.processes, start=1):
-            if not proc.is_alive():
-                raise ParallelError(
-                    f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}"
-                )
+        dead = self.who_died(wait=0.0)
+        if dead:
+            raise ParallelError(dead)
+
+    def who_died(self, wait: float = 1.0) -> str:
+        """Which worker has exited ("" if none), waiting up to ``wait`` s for one to be reaped: a collective
+        can fail on a reset connection before the dead rank's process is gone, and the error should still
+        say which rank it was."""
+        deadline = time.monotonic() + wait
+        while True:
+            for rank, proc in enumerate(self.processes, start=1):
+                if not proc.is_alive():
+                    return f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}"
+            if time.monotonic() >= deadline:
+                return ""
+            time.sleep(0.01)
 
     def send(self, kind: str, payload: Any) -> None:
         """Broadcast a command every worker runs in lockstep with this process."""
@@ -240,7 +268,20 @@ class Workers:
         try:
             _broadcast((kind, payload))
         except RuntimeError as exc:
-            raise ParallelError(f"sending {kind!r} to the tensor-parallel workers failed: {exc}") from exc
+            who = self.who_died() or "no rank has exited"
+            raise ParallelError(
+                f"sending {kind!r} to the tensor-parallel workers failed ({who}): {exc}"
+            ) from exc
+
+    def parameter_bytes(self, model: torch.nn.Module) -> list[int]:
+        """Resident weight bytes of every rank, rank 0's (``model``, its shard) first: the proof that each
+        rank holds about 1/N of the model, asked of the workers themselves rather than assumed."""
+        self.send("parameter_bytes", None)
+        try:
+            return _gather_int(parameter_bytes(model), self.device)
+        except RuntimeError as exc:
+            who = self.who_died() or "no rank has exited"
+            raise ParallelError(f"gathering the ranks' parameter bytes failed ({who}): {exc}") from exc
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the workers (they leave their loop), wait for them, leave the process group."""

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen3.device import index_tensor, to_device
+from qwen3.distributed import ParallelError
 from qwen3.engine.attention import (
     AttentionMetadata,
     KVPool,
@@ -136,9 +137,16 @@ class ModelRunner:
                 host_query_lens=lengths,
             )
             inputs = StepInputs([(meta, torch.tensor(token_ids), positions, max(seq_lens))], last_rows)
-        if self.workers is not None:
-            self.workers.send("step", inputs)  # every rank runs the same step on its shard
-        return sampled, self.execute(inputs)
+        if self.workers is None:
+            return sampled, self.execute(inputs)
+        self.workers.send("step", inputs)  # every rank runs the same step on its shard
+        try:
+            return sampled, self.execute(inputs)
+        except ParallelError as exc:  # a collective inside the model failed: say which rank is gone
+            who = self.workers.who_died()
+            if not who:
+                raise
+            raise ParallelError(f"{exc} ({who})") from exc
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
