@@ -13,6 +13,7 @@ import openai
 import pytest
 from starlette.testclient import TestClient
 
+from qwen3.agent import CALCULATOR as AGENT_CALCULATOR
 from qwen3.server import ServerConfig, create_app
 from qwen3.server.chat_completions import prepare
 from qwen3.server.protocol import ChatCompletionRequest
@@ -20,18 +21,7 @@ from tests.live_server import live_server
 
 MODEL = "qwen3-default"
 QUESTION = "What is 347 * 58?"
-CALCULATOR = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "Evaluate an arithmetic expression",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string"}},
-            "required": ["expression"],
-        },
-    },
-}
+CALCULATOR = AGENT_CALCULATOR.schema()  # the tool the shipped model was trained with
 NO_PARAMETERS = {"type": "function", "function": {"name": "get_time", "description": "The current time"}}
 NESTED = {
     "type": "function",

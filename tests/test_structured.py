@@ -8,6 +8,7 @@ the schemas agents send usually are; an unbounded string is one a model this sma
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -16,6 +17,7 @@ import numpy
 import pytest
 
 from qwen3 import structured
+from qwen3.agent import CALCULATOR as AGENT_CALCULATOR
 from qwen3.chat import render
 from qwen3.engine.llm_engine import STOP_THINKING_TEXT, RequestError
 from qwen3.llm import LLM
@@ -338,19 +340,10 @@ def test_closed_objects():
 
 # ----------------------------------------------------------------------------------------- tool calls
 
-CALCULATOR = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "Evaluate an arithmetic expression",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string", "pattern": "^[0-9+*/() -]{1,40}$"}},
-            "required": ["expression"],
-        },
-        "strict": True,
-    },
-}
+# The shipped model's calculator, strict, its expression held to arithmetic characters.
+CALCULATOR = copy.deepcopy(AGENT_CALCULATOR.schema())
+CALCULATOR["function"]["parameters"]["properties"]["expression"]["pattern"] = "^[0-9+*/() -]{1,40}$"
+CALCULATOR["function"]["strict"] = True
 
 
 @pytest.mark.parametrize("thinking", [False, True], ids=["no_think", "think"])
