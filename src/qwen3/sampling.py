@@ -284,8 +284,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
         logits = apply_penalties(logits.float(), batch)
         # logprobs are the model's (after penalties), not the grammar's: never -inf for an alternative
-        wants_logprobs = any(p.logprobs is not None for p in batch.params)
-        raw = logits.clone() if batch.masked_rows and wants_logprobs else logits
+        masked_with_logprobs = batch.masked_rows and any(p.logprobs is not None for p in batch.params)
+        raw = logits.clone() if masked_with_logprobs else logits
         logits = apply_masks(logits, batch)
         params = batch.params
         tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
