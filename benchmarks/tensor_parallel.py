@@ -15,6 +15,7 @@ all-reduce of S bytes over N ranks costs 2(N-1) latency hops and 2(N-1)/N x S / 
 step is taken as the measured single-process step time / N (ideal split, memory-bound decode).
 
     python benchmarks/tensor_parallel.py                  # 4 layers, bf16, ~2 minutes on 2 cores
+    python benchmarks/tensor_parallel.py --model Qwen3-30B-A3B --layers 2    # MoE: + expert parallel
 """
 
 from __future__ import annotations
@@ -41,12 +42,15 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 LINKS = [("NVLink ~450 GB/s", 450e9, 3e-6), ("100 GbE", 12.5e9, 10e-6), ("10 GbE", 1.25e9, 25e-6)]
 
 
-def measure(folder: Path, size: int, args: argparse.Namespace) -> dict[str, float]:
+def measure(
+    folder: Path, size: int, args: argparse.Namespace, expert_parallel: bool = False
+) -> dict[str, float]:
     """Decode and batch-32 tokens/s of one LLM with ``size`` ranks (greedy, EOS ignored)."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))  # rank 0's share; the workers take theirs
     llm = LLM(
         folder, dtype=args.dtype, skip_tokenizer_init=True, kv_cache_memory="512MiB", max_model_len=512,
         max_num_seqs=args.batch, progress=False, tensor_parallel_size=size,
+        enable_expert_parallel=expert_parallel,
     )  # fmt: skip
     try:
         greedy = SamplingParams(temperature=0, ignore_eos=True)
@@ -109,6 +113,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--model", default="Qwen3-0.6B", help="a released config to cut down (e.g. Qwen3-30B-A3B: "
+                        "MoE, measured with experts sliced and with expert parallel)")  # fmt: skip
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--decode-tokens", type=int, default=64)
@@ -117,15 +123,19 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="also write the report here (JSON)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = real_config("Qwen3-0.6B", layers=args.layers)
+    config = real_config(args.model, layers=args.layers)
     dtype = DTYPES[args.dtype]
-    folder = random_checkpoint(CACHE / f"qwen3-0.6b-{args.layers}layers-random-{args.dtype}", config, dtype)
+    name = f"{args.model.lower()}-{args.layers}layers-random-{args.dtype}"
+    folder = random_checkpoint(CACHE / name, config, dtype)
     report: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-                              "layers": args.layers, "dtype": args.dtype}  # fmt: skip
-    for size in (1, 2):
+                              "model": args.model, "layers": args.layers, "dtype": args.dtype}  # fmt: skip
+    runs = [("tp1", 1, False), ("tp2", 2, False)]
+    if config.get("num_experts"):
+        runs.append(("tp2_expert_parallel", 2, True))
+    for key, size, expert_parallel in runs:
         start = time.perf_counter()
-        report[f"tp{size}"] = measure(folder, size, args)
-        logger.info("TP=%d (%.0f s): %s", size, time.perf_counter() - start, report[f"tp{size}"])
+        report[key] = measure(folder, size, args, expert_parallel)
+        logger.info("%s (%.0f s): %s", key, time.perf_counter() - start, report[key])
     dtype_bytes = torch.empty(0, dtype=dtype).element_size()
     report["traffic"] = traffic(config, dtype_bytes, args.layers)
     report["traffic_28_layers"] = traffic(config, dtype_bytes, 28)

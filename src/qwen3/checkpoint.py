@@ -86,14 +86,11 @@ def load_model(
     ``dtype`` None keeps the checkpoint's own dtype (config ``torch_dtype``/``dtype``, else float32),
     so weights arrive bit for bit; another dtype converts them. The model is returned in eval mode.
     A ``.gguf`` file (or ``owner/repo:FILE.gguf``) is read by :mod:`qwen3.gguf_checkpoint`.
-    ``tp`` (tensor parallel): build and read this rank's shard only, each tensor's slice straight from the file.
+    ``tp`` (tensor parallel): build and read this rank's shard only, each tensor's slice straight from the file
+    (safetensors' ``get_slice``; a GGUF tensor's rows or blocks, see :func:`qwen3.gguf_checkpoint.shard`).
     """
     if is_gguf(source):
-        if tp is not None:
-            raise CheckpointError(
-                f"{source}: tensor parallel loads safetensors checkpoints only (not GGUF yet)"
-            )
-        return load_gguf_model(source, dtype, device, progress)
+        return load_gguf_model(source, dtype, device, progress, tp)
     folder = resolve_model_dir(source)
     config = load_config(folder)
     target_dtype = parse_dtype(dtype) or config.torch_dtype or torch.float32
@@ -141,6 +138,8 @@ def fill_parameters(model: Qwen3ForCausalLM, files: list[Path], progress: bool =
                     seen[name] = path
                     if name in companions:
                         continue  # read with its weight
+                    if tp is not None and not tp.holds(name):
+                        continue  # an expert another rank holds (expert parallel)
                     awq = name.endswith(".qweight")
                     if tp is not None and awq:
                         raise CheckpointError(

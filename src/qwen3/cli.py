@@ -314,7 +314,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     llm = LLM(
         args.model, max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size,
-        **_engine_options(args),
+        enable_expert_parallel=args.enable_expert_parallel, **_engine_options(args),
     )  # fmt: skip
     config = ServerConfig(
         served_model_names=args.served_model_name or [args.model or "qwen3-default"],
@@ -451,7 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch (default: 64)")
     serve.add_argument(
         "--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
-        help="split the model over N processes (one per GPU; gloo on CPU), this one rank 0 (default: 1)",
+        help="split the model over N processes (one per GPU; gloo on CPU), this one rank 0 (default: 1). "
+        "qwen3 spawns them, or, under torchrun (e.g. --nnodes 2 --nproc-per-node 1 --master-addr HOST), "
+        "every machine runs this same command and rank 0 serves",
+    )  # fmt: skip
+    serve.add_argument(
+        "--enable-expert-parallel", action="store_true",
+        help="MoE models under tensor parallel: give each rank E/N whole experts instead of a 1/N slice of "
+        "every expert",
     )  # fmt: skip
     serve.add_argument(
         "--max-queue", type=int, default=256,
@@ -541,8 +548,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from qwen3.async_llm import EngineDeadError
     from qwen3.checkpoint import CheckpointError
     from qwen3.config import ConfigError
+    from qwen3.distributed import ParallelError
     from qwen3.engine.llm_engine import RequestError
     from qwen3.engine.memory import KVCacheError
     from qwen3.hub import ModelNotFoundError
@@ -559,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         logger.error("%s", exc)
         return 2
+    except (EngineDeadError, ParallelError) as exc:  # a rank died: the server went down, loudly
+        logger.error("%s", exc)
+        return 1
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from qwen3.config import ConfigError, Qwen3Config, parse_dtype
 from qwen3.device import check_weights_fit
 from qwen3.hub import CheckpointError, ModelNotFoundError
 from qwen3.model import Qwen3ForCausalLM, checkpoint_layout, model_class
+
+if TYPE_CHECKING:
+    from qwen3.distributed import TensorParallel
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +66,12 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_EXPERTS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
+_EXPERT_PROJECTIONS = {  # a stack of every expert's matrix -> the Hugging Face projection
+    "ffn_gate_exps.weight": "gate_proj",
+    "ffn_up_exps.weight": "up_proj",
+    "ffn_down_exps.weight": "down_proj",
+}
+_EXPERTS = tuple(_EXPERT_PROJECTIONS)
 # The tensor types qwen3 reads (llama-quantize's _S/_M mixes combine several of them in one file).
 SUPPORTED_TYPES = frozenset(
     {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
@@ -366,6 +374,8 @@ class GGUFCheckpoint:
             return
         base = np.frombuffer(self._map, np.uint8, 1, 0).ctypes.data
         start = tensor.data.ctypes.data - base
+        if not 0 <= start <= start + tensor.data.nbytes <= len(self._map):
+            return  # a copy (a tensor-parallel column cut), not the file's pages
         page = mmap.PAGESIZE
         first, last = -(-start // page) * page, (start + tensor.data.nbytes) // page * page
         if last > first:
@@ -483,6 +493,7 @@ def load_gguf_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    tp: TensorParallel | None = None,
 ) -> Qwen3ForCausalLM:
     """A Qwen3 or Qwen3-MoE model from a GGUF file (or one already opened), every tensor checked against
     the config.
@@ -490,13 +501,19 @@ def load_gguf_model(
     ``dtype`` None on a CPU with qwen3's kernels: quantized matrices stay quantized (repacked for
     ``csrc/quant.cpp``, see :mod:`qwen3.quantized`) and everything else is bfloat16 (float32 for an
     all-float32 file). An explicit ``dtype`` (or no kernels, or another device) dequantizes every tensor
-    into it, as ``gguf.quants.dequantize`` does.
+    into it, as ``gguf.quants.dequantize`` does. ``tp``: this rank's shard only, every tensor cut with
+    :func:`shard` before it is repacked or dequantized.
     """
     from qwen3 import kernels, quantized
 
     checkpoint = source if isinstance(source, GGUFCheckpoint) else GGUFCheckpoint(resolve_gguf(source))
     config = checkpoint.config()
-    kinds = {t.type.name for t in checkpoint.tensors if len(t.shape) > 1}
+    tensors = (
+        checkpoint.tensors
+        if tp is None
+        else [_rank_shard(tp, t, checkpoint.path) for t in checkpoint.tensors]
+    )
+    kinds = {t.type.name for t in tensors if len(t.shape) > 1}
     target_dtype = parse_dtype(dtype) or (torch.float32 if kinds <= {"F32"} else torch.bfloat16)
     keep_quantized = (
         dtype is None
@@ -505,18 +522,17 @@ def load_gguf_model(
         and kernels.kernels_available()
     )
     if keep_quantized:  # about the file's size: what stays quantized, and the rest in bf16
-        check_weights_fit(
-            sum(t.data.nbytes for t in checkpoint.tensors) // 2, torch.bfloat16, device, checkpoint.path
-        )
+        check_weights_fit(sum(t.data.nbytes for t in tensors) // 2, torch.bfloat16, device, checkpoint.path)
     else:
-        check_weights_fit(config.num_parameters(), target_dtype, device, checkpoint.path)
+        shards = tp.size if tp else 1
+        check_weights_fit(config.num_parameters() // shards, target_dtype, device, checkpoint.path)
     with torch.device("meta"):
-        model = model_class(config)(config)
+        model = model_class(config)(config, tp)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     done: set[str] = set()
     if keep_quantized:
-        by_name = {t.name: t for t in checkpoint.tensors}
+        by_name = {t.name: t for t in tensors}
         meta_layout = checkpoint_layout(model)
 
         def check(tensor: GGUFTensor) -> None:
@@ -530,7 +546,6 @@ def load_gguf_model(
     layout = checkpoint_layout(model)  # (stand-ins where the weights are quantized)
     expected = {name for name in layout}
     seen: set[str] = set()
-    tensors = checkpoint.tensors
     for tensor in tqdm(tensors, desc="Loading GGUF", unit="tensor", disable=not progress, leave=False):
         name = tensor.name
         if name in done:
@@ -564,6 +579,41 @@ def load_gguf_model(
     return model.eval()
 
 
+def shard(tensor: GGUFTensor, index: tuple[slice, ...], path: Path) -> GGUFTensor:
+    """The part ``index`` (slices of the logical shape's leading dimensions) of a GGUF tensor, still in its
+    type: rows are cut as they are, a row's elements only at the type's block boundaries (a row of Q4_K
+    splits between blocks of 256). Leading-dimension cuts stay views of the mapped file."""
+    import gguf
+
+    block, block_bytes = gguf.GGML_QUANT_SIZES[tensor.type]
+    index = tuple(index) + (slice(None),) * (len(tensor.shape) - len(index))
+    bounds = [part.indices(n)[:2] for part, n in zip(index, tensor.shape, strict=True)]
+    start, stop = bounds[-1]
+    if start % block or stop % block:
+        raise CheckpointError(
+            f"{path}: tensor {tensor.name!r} cannot be split for tensor parallel: its rows are "
+            f"{tensor.type.name} blocks of {block} elements and this rank's part starts at {start}"
+        )
+    cut = index[:-1] + (slice(start // block * block_bytes, stop // block * block_bytes),)
+    data = tensor.data[cut]
+    if not data.flags.c_contiguous:
+        data = np.ascontiguousarray(data)  # a column cut: this rank's blocks of every row, copied
+    return GGUFTensor(tensor.name, tensor.type, tuple(b - a for a, b in bounds), data)
+
+
+def _rank_shard(tp: TensorParallel, tensor: GGUFTensor, path: Path) -> GGUFTensor:
+    """This rank's part of a GGUF tensor: the slice ``tp`` plans for the Hugging Face tensor it holds."""
+    name, index = tensor.name, None
+    match = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if name in _GLOBAL_NAMES:
+        index = tp.checkpoint_slice(_GLOBAL_NAMES[name])
+    elif match is not None and match.group(2) in _LAYER_NAMES:
+        index = tp.checkpoint_slice(f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}")
+    elif match is not None and match.group(2) in _EXPERT_PROJECTIONS:
+        index = tp.expert_slice(_EXPERT_PROJECTIONS[match.group(2)])
+    return tensor if index is None else shard(tensor, index, path)
+
+
 def _check_shape(path: Path, name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
     if tuple(shape) != tuple(expected):
         raise CheckpointError(
@@ -579,11 +629,7 @@ def _covered(name: str, config: Qwen3Config) -> list[str]:
     layer, rest = match.group(1), match.group(2)  # type: ignore[union-attr] - _target accepted it
     if rest in _LAYER_NAMES:
         return [f"model.layers.{layer}.{_LAYER_NAMES[rest]}"]
-    proj = {
-        "ffn_gate_exps.weight": "gate_proj",
-        "ffn_up_exps.weight": "up_proj",
-        "ffn_down_exps.weight": "down_proj",
-    }[rest]
+    proj = _EXPERT_PROJECTIONS[rest]
     return [f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight" for e in range(config.num_experts)]
 
 

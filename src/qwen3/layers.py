@@ -370,14 +370,29 @@ class Experts(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """Softmax router, top-k experts (optionally renormalised), no shared expert."""
+    """Softmax router, top-k experts (optionally renormalised), no shared expert.
 
-    def __init__(self, config: Qwen3Config) -> None:
+    With ``tp`` the router is replicated and every rank routes every token (the tokens are already on every
+    rank, after attention's all-reduce); each rank runs the experts it holds and one all-reduce sums the
+    ranks' partial outputs. Tensor parallel holds a 1/N slice of every expert; expert parallel holds E / N
+    whole experts and runs only the (token, expert) slots routed to them, found through ``expert_map``
+    (global id -> local index, -1 elsewhere), as vLLM's.
+    """
+
+    def __init__(self, config: Qwen3Config, tp: TensorParallel | None = None) -> None:
         super().__init__()
+        self.tp = tp
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
         self.gate = Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+        local = len(tp.local_experts) if tp else config.num_experts
+        size = tp.moe_intermediate_size if tp else config.moe_intermediate_size
+        self.experts = Experts(local, config.hidden_size, size)
+        self.first_expert = tp.local_experts.start if tp else 0  # global id of experts[0]
+        # a plain tensor, not a buffer: the model is built on the meta device and this is never loaded
+        self.expert_map = (
+            torch.tensor(tp.expert_map, device="cpu") if tp is not None and tp.expert_parallel else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -386,7 +401,26 @@ class SparseMoeBlock(nn.Module):
         weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return self.experts(flat, expert_ids, weights.to(x.dtype)).view(shape)
+        weights = weights.to(x.dtype)
+        if self.expert_map is None:
+            out = self.experts(flat, expert_ids, weights)
+        else:
+            out = self._local_slots(flat, expert_ids, weights)
+        return (out if self.tp is None else self.tp.all_reduce(out)).view(shape)
+
+    def _local_slots(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Expert parallel: this rank's share of sum_k weights * expert_k(x), from the slots routed to the
+        experts it holds (each slot then runs as a top-1 row; a token's slots are summed in top-k order)."""
+        if self.expert_map.device != x.device:
+            self.expert_map = self.expert_map.to(x.device)
+        local = self.expert_map[expert_ids].reshape(-1)
+        slots = (local >= 0).nonzero().squeeze(1)
+        out = torch.zeros_like(x)
+        if slots.numel():
+            tokens = slots // self.top_k
+            y = self.experts(x[tokens], local[slots, None], weights.reshape(-1)[slots, None])
+            out.index_add_(0, tokens, y)
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -396,7 +430,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(config, layer_idx, tp)
         self.mlp: nn.Module = (
-            SparseMoeBlock(config)
+            SparseMoeBlock(config, tp)
             if config.is_sparse_layer(layer_idx)
             else MLP(config.hidden_size, config.intermediate_size, tp)
         )

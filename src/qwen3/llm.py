@@ -33,7 +33,7 @@ from qwen3.chat import (
 )
 from qwen3.checkpoint import load_config, load_model
 from qwen3.config import parse_dtype
-from qwen3.distributed import TensorParallel, Workers
+from qwen3.distributed import TensorParallel, Workers, launched_rank, local_ranks, rank_device, serve_rank
 from qwen3.engine.attention import DECODE_GATHER_KEYS
 from qwen3.engine.llm_engine import STOP_THINKING_TEXT, EngineConfig, LLMEngine, ThinkingTokens
 from qwen3.engine.memory import default_budget, plan_kv_cache
@@ -159,6 +159,7 @@ class LLM:
         skip_tokenizer_init: bool = False,
         progress: bool = True,
         tensor_parallel_size: int = 1,
+        enable_expert_parallel: bool = False,
     ) -> None:
         """Load ``model`` (a folder, Hub repo id, GGUF file or ``owner/repo:FILE.gguf``; None: the shipped
         tiny Qwen3) and size its engine.
@@ -173,22 +174,40 @@ class LLM:
         (CUDA) so too, at a cost (fixed-shape steps; see ``qwen3.engine.model_runner``).
         ``tensor_parallel_size`` N > 1 spawns N - 1 worker processes, each holding its shard of the weights
         and of the KV cache (``qwen3.distributed``); this process is rank 0. Call :meth:`close` to stop them.
+        Under a launcher (``torchrun``, one process per rank, on one machine or several) nothing is spawned:
+        rank 0's constructor returns, and on every other rank it serves rank 0's steps until rank 0 closes,
+        then exits the process (``SystemExit(0)``), so the same script or ``qwen3 serve`` runs on every rank.
+        ``enable_expert_parallel`` (MoE): each rank holds E / N whole experts rather than a slice of each.
+        The KV-cache budget (``kv_cache_memory``) is per rank; the default one is shared by the ranks on
+        this machine.
         """
         gguf = GGUFCheckpoint(resolve_gguf(model)) if model is not None and is_gguf(model) else None
         folder = default_model_dir() if model is None else gguf.path if gguf else resolve_model_dir(model)
         self.model_dir = folder  # the folder, or the GGUF file
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tp = None
+        if tensor_parallel_size > 1:  # refuses a config it cannot split, before anything starts
+            config = gguf.config() if gguf else load_config(folder)
+            tp = TensorParallel(0, tensor_parallel_size, config, expert_parallel=enable_expert_parallel)
+            if launched_rank() not in (None, 0):  # a launcher's rank > 0: a worker, never an LLM
+                serve_rank(tensor_parallel_size, str(folder), dtype, str(device), enable_expert_parallel)
+                raise SystemExit(0)
+            device = rank_device(device, 0)
+        elif enable_expert_parallel:
+            raise ValueError("enable_expert_parallel needs tensor_parallel_size > 1")
         max_num_batched_tokens = max(max_num_batched_tokens, 1)
         memory = parse_memory(kv_cache_memory)
         plan = None
+        kv_heads = tp.num_kv_heads if tp else None
         if memory is not None:  # sized by the caller: check it before spending time on the weights
             config = gguf.config() if gguf else load_config(folder)
             cache_dtype = (
                 parse_dtype(dtype) or config.torch_dtype or (torch.bfloat16 if gguf else torch.float32)
             )
             plan = plan_kv_cache(
-                config, cache_dtype, memory, "kv_cache_memory", block_size, max_num_seqs, max_model_len
-            )
+                config, cache_dtype, memory, "kv_cache_memory", block_size, max_num_seqs, max_model_len,
+                kv_heads,
+            )  # fmt: skip
         # The small files first, so a broken tokenizer or generation config fails before the weights load.
         self.tokenizer = None
         if not skip_tokenizer_init:
@@ -201,16 +220,14 @@ class LLM:
             gguf.generation_config() if gguf else self._generation_config(folder / "generation_config.json")
         )
         self.workers: Workers | None = None
-        if tensor_parallel_size > 1:
-            if gguf:
-                raise ValueError("tensor_parallel_size > 1 loads safetensors checkpoints only (not GGUF yet)")
-            tp = TensorParallel(
-                0, tensor_parallel_size, load_config(folder)
-            )  # refuses a config it cannot split
-            self.workers = Workers(tensor_parallel_size, str(folder), dtype, device)
+        if tp is not None:
+            self.workers = Workers(tensor_parallel_size, str(folder), dtype, device, enable_expert_parallel)
             try:
                 tp = dataclasses.replace(tp, group=self.workers.group)
-                self.model = load_model(folder, dtype=dtype, device=device, progress=progress, tp=tp)
+                if gguf:
+                    self.model = load_gguf_model(gguf, dtype=dtype, device=device, progress=progress, tp=tp)
+                else:
+                    self.model = load_model(folder, dtype=dtype, device=device, progress=progress, tp=tp)
             except BaseException:
                 self.workers.close()
                 raise
@@ -223,9 +240,13 @@ class LLM:
         if plan is None:  # a share of what is free now that the weights are in
             peak = self._activation_peak(max_num_batched_tokens, max_num_seqs) if device.type == "cuda" else 0
             budget, source = default_budget(device, kv_cache_fraction, peak)
+            if tp is not None and device.type == "cpu":  # one RAM for the ranks on this machine
+                ranks = local_ranks(tensor_parallel_size)
+                budget, source = budget // ranks, f"{source}, shared by {ranks} ranks"
             plan = plan_kv_cache(
-                self.model.config, self.model.dtype, budget, source, block_size, max_num_seqs, max_model_len
-            )
+                self.model.config, self.model.dtype, budget, source, block_size, max_num_seqs, max_model_len,
+                kv_heads,
+            )  # fmt: skip
         engine_config = EngineConfig(
             max_model_len=plan.max_model_len,
             num_blocks=plan.num_blocks,

@@ -272,11 +272,12 @@ def checkpoint_layout(model: Qwen3ForCausalLM) -> dict[str, tuple[nn.Parameter, 
         if hasattr(mlp, "experts"):
             layout[f"{p}mlp.gate.weight"] = (mlp.gate.weight, whole)
             size = mlp.experts.intermediate_size
-            for e in range(mlp.experts.num_experts):
+            for e in range(mlp.experts.num_experts):  # local index e holds global expert first + e
+                q = f"{p}mlp.experts.{mlp.first_expert + e}."
                 gate_up = mlp.experts.gate_up_proj
-                layout[f"{p}mlp.experts.{e}.gate_proj.weight"] = (gate_up, (e, slice(0, size)))
-                layout[f"{p}mlp.experts.{e}.up_proj.weight"] = (gate_up, (e, slice(size, 2 * size)))
-                layout[f"{p}mlp.experts.{e}.down_proj.weight"] = (mlp.experts.down_proj, (e,))
+                layout[f"{q}gate_proj.weight"] = (gate_up, (e, slice(0, size)))
+                layout[f"{q}up_proj.weight"] = (gate_up, (e, slice(size, 2 * size)))
+                layout[f"{q}down_proj.weight"] = (mlp.experts.down_proj, (e,))
         else:
             size = mlp.intermediate_size
             layout[f"{p}mlp.gate_proj.weight"] = (mlp.gate_up_proj.weight, (slice(0, size),))

@@ -38,10 +38,11 @@ class KVCacheError(ValueError):
     """The KV cache cannot be sized as asked (too little memory for ``max_model_len``, and the like)."""
 
 
-def kv_bytes_per_token(config: Qwen3Config, dtype: torch.dtype) -> int:
-    """Keys and values of one token in every layer."""
+def kv_bytes_per_token(config: Qwen3Config, dtype: torch.dtype, kv_heads: int | None = None) -> int:
+    """Keys and values of one token in every layer (``kv_heads``: the heads one rank holds, if not all)."""
     element = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
+    heads = config.num_key_value_heads if kv_heads is None else kv_heads
+    return 2 * config.num_hidden_layers * heads * config.head_dim * element
 
 
 @dataclass
@@ -60,8 +61,12 @@ def plan_kv_cache(
     block_size: int = 16,
     max_num_seqs: int = 64,
     max_model_len: int | None = None,
+    kv_heads: int | None = None,
 ) -> KVCachePlan:
     """Blocks and context length for a KV-cache budget; pure arithmetic (tests run it for every config).
+
+    ``kv_heads``: the KV heads one tensor-parallel rank holds (its cache is that much smaller per token, so
+    the same budget holds more tokens); the budget is then per rank, as vLLM's is per GPU.
 
     ``max_model_len`` None means the checkpoint's context, lowered (with a warning) when it does not fit;
     an explicit value that does not fit, or exceeds the checkpoint's context, raises :class:`KVCacheError`.
@@ -75,7 +80,7 @@ def plan_kv_cache(
         )
     if max_model_len is not None and max_model_len < 1:
         raise KVCacheError(f"max_model_len must be >= 1, got {max_model_len}")
-    per_block = kv_bytes_per_token(config, dtype) * block_size
+    per_block = kv_bytes_per_token(config, dtype, kv_heads) * block_size
     wanted = max_model_len or context
     useful = -(-wanted // block_size) * max_num_seqs * per_block  # more than this could never be used
     num_blocks = min(budget_bytes, useful) // per_block

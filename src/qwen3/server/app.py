@@ -28,7 +28,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import qwen3
-from qwen3.async_llm import AsyncLLM
+from qwen3.async_llm import AsyncLLM, EngineDeadError
 from qwen3.llm import LLM
 from qwen3.server import chat_completions, completions, responses, tokenize
 from qwen3.server.errors import APIError, ErrorResponse, from_validation_error, install_handlers
@@ -371,6 +371,18 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self.state = state
+        self.dead_ticks = 0  # ticks since the engine was seen dead
+
+    async def on_tick(self, counter: int) -> bool:
+        """Every 0.1 s: an engine that has died (a bug, a tensor-parallel rank gone) stops the server, after
+        /health has said 503 for a tick; a supervisor (systemd, Kubernetes, torchrun) then sees it exit."""
+        front = self.state.front
+        if front is not None and front.error is not None and not self.should_exit:
+            self.dead_ticks += 1
+            if self.dead_ticks > 1:
+                logger.error("the engine stopped (%s); shutting the server down", type(front.error).__name__)
+                self.should_exit = True
+        return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[Any] | None = None) -> None:
         timeout = self.config.timeout_graceful_shutdown or 0.0
@@ -389,7 +401,8 @@ async def _finish_streams_before(state: ServerState, seconds: float) -> None:
 
 
 def serve(llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve ``llm`` until SIGTERM or Ctrl+C, then shut down gracefully and return."""
+    """Serve ``llm`` until SIGTERM or Ctrl+C, then shut down gracefully and return; if the engine dies
+    (see :meth:`DrainingServer.on_tick`) shut down the same way and raise :class:`EngineDeadError`."""
     app = create_app(llm, config)
     server = DrainingServer(
         uvicorn.Config(
@@ -411,3 +424,6 @@ def serve(llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: int = 8
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    error = app.state.qwen3.front.error if app.state.qwen3.front is not None else None
+    if error is not None:
+        raise EngineDeadError(f"the engine stopped: {type(error).__name__}: {error}") from error
