@@ -97,7 +97,9 @@ class Rollout:
     @property
     def sample(self) -> data.Sample:
         """Prompt + reply as a training sample whose targets are the reply's tokens."""
-        return data.Sample(self.prompt_ids + self.ids, [False] * len(self.prompt_ids) + [True] * len(self.ids))
+        return data.Sample(
+            self.prompt_ids + self.ids, [False] * len(self.prompt_ids) + [True] * len(self.ids)
+        )
 
 
 def sampling(max_tokens: int, seed: int, n: int = 1) -> SamplingParams:
@@ -120,8 +122,14 @@ def generate(llm: LLM, items: Sequence[Prompt], params: SamplingParams) -> list[
             if c.logprobs is None or any(lp is None for lp in c.logprobs):
                 raise RuntimeError("a rollout's reply holds tokens the engine inserted (no logprob)")
             group.append(
-                Rollout(prompt, request.prompt_token_ids, list(c.token_ids), [lp for lp, _ in c.logprobs],
-                        c.finish_reason, parse_output(c.text, request.reasoning_started))  # fmt: skip
+                Rollout(
+                    prompt,
+                    request.prompt_token_ids,
+                    list(c.token_ids),
+                    [lp for lp, _ in c.logprobs],
+                    c.finish_reason,
+                    parse_output(c.text, request.reasoning_started),
+                )  # fmt: skip
             )
         groups.append(group)
     return groups
@@ -196,8 +204,17 @@ def policy_logprobs(
     differentiable = -F.cross_entropy(
         logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=-100, reduction="none"
     ).view_as(mask)
-    exact = torch.zeros_like(differentiable)
-    for r, values in enumerate(score(model, chosen)):
-        start = chosen[r].targets.index(True) - 1
-        exact[r, start : start + len(values)] = values
+    exact = placed(chosen, score(model, chosen), mask)
     return batch, exact + (differentiable - differentiable.detach()), mask
+
+
+def placed(
+    samples: Sequence[data.Sample], values: Sequence[torch.Tensor], like: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample values of the target tokens (as :func:`score` returns them) laid out as a padded
+    batch's labels are [B, T] (the value for token t sits at position t - 1), zeros elsewhere."""
+    out = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    for r, (sample, v) in enumerate(zip(samples, values, strict=True)):
+        start = sample.targets.index(True) - 1
+        out[r, start : start + len(v)] = v.to(out.device)
+    return out
