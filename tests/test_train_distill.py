@@ -15,13 +15,7 @@ from qwen3.train import rollout
 from qwen3.train.distill import DistillConfig, Distiller, reverse_kl
 from qwen3.train.trainer import export_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_reverse_kl_is_kl_of_student_from_teacher() -> None:

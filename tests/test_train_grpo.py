@@ -15,13 +15,7 @@ from qwen3.train import rollout, tasks
 from qwen3.train.grpo import GRPO, GRPOConfig, group_advantages, judge
 from qwen3.train.trainer import make_optimizer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,22 +24,20 @@ about a third of the shipped model's 3.4M parameters).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from qwen3.config import Qwen3Config
 from qwen3.llm import LLM
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.train import data, rollout
-from qwen3.train.trainer import export_model, make_optimizer, supervised_loss
+from qwen3.train.trainer import export_model, make_optimizer, supervised_loss, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -74,15 +72,10 @@ class DistillConfig:
                   ("prompts_per_step", self.prompts_per_step >= 1, "must be >= 1"),
                   ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
                   ("lr", self.lr > 0, "must be > 0")]  # fmt: skip
-        for name, ok, message in checks:
-            if not ok:
-                raise ValueError(f"{name} {message}, got {getattr(self, name)}")
+        rollout.check_config(self, checks)
 
     def learning_rate(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        return warmup_cosine(step, self.lr, self.warmup_steps, self.steps, 0.1)
 
     def student(self, teacher: Qwen3Config) -> Qwen3ForCausalLM:
         """A fresh student: the teacher's architecture (vocabulary, RoPE, norms), narrower and shallower."""
@@ -105,13 +98,16 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     return (s.exp() * (s - t)).sum(dim=-1)
 
 
-class Distiller:
+class Distiller(rollout.OnPolicyRun):
     """A run: the teacher's engine, the student's engine (whose model is trained), the optimizer."""
+
+    name = "distill"
 
     def __init__(
         self, config: DistillConfig, teacher: str | Path, output: Path, student: str | Path | None = None,
         progress: bool = True,
     ) -> None:  # fmt: skip
+        super().__init__()
         self.config = config
         self.progress = progress
         engine = dict(max_num_seqs=min(256, config.prompts_per_step), max_num_batched_tokens=8192,
@@ -128,8 +124,6 @@ class Distiller:
         self.model = self.student.model
         self.tokenizer = self.teacher.tokenizer
         self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay)
-        self.step = 0
-        self.history: list[dict[str, float]] = []
 
     def phase(self, step: int) -> str:
         return "off-policy" if step < self.config.offpolicy_steps else "on-policy"
@@ -184,26 +178,8 @@ class Distiller:
             tokens += int(mask.sum())
         return total / max(1, tokens)
 
-    def train(self) -> list[dict[str, float]]:
-        bar = tqdm(total=self.config.steps, initial=self.step, desc="distill", unit="step",
-                   disable=not self.progress)  # fmt: skip
-        while self.step < self.config.steps:
-            record = self.train_step()
-            self.history.append(record)
-            bar.set_postfix(phase=record["phase"], loss=f"{record['loss']:.4f}")
-            bar.update(1)
-            if not self.progress and record["step"] % 10 == 0:
-                logger.info("step %d %s loss %.4f (%.1f s)", record["step"], record["phase"], record["loss"],
-                            record["seconds"])  # fmt: skip
-        bar.close()
-        return self.history
-
-    def export(self, folder: str | Path) -> Path:
-        """The student as a Hugging Face folder, with the run's config and history beside it."""
-        folder = export_model(self.model, self.tokenizer, folder)
-        state = {"config": dataclasses.asdict(self.config), "history": self.history}
-        (folder / "distill_state.json").write_text(json.dumps(state, indent=1) + "\n")
-        return folder
+    def summary(self, record: dict[str, Any]) -> dict[str, str]:
+        return {"phase": record["phase"], "loss": f"{record['loss']:.4f}", "s": f"{record['seconds']:.1f}"}
 
 
 def run(config: DistillConfig, teacher: str, student: str | None, output: Path) -> int:

@@ -28,7 +28,6 @@ updates off-policy, where the clip acts.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 import time
@@ -38,13 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from qwen3.checkpoint import load_model
 from qwen3.eval import calculator_call_correct
 from qwen3.llm import LLM
 from qwen3.train import data, rollout
-from qwen3.train.trainer import export_model, make_optimizer
+from qwen3.train.trainer import make_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +80,7 @@ class GRPOConfig:
                   ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
                   ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
                   ("lr", self.lr > 0, "must be > 0")]  # fmt: skip
-        for name, ok, message in checks:
-            if not ok:
-                raise ValueError(f"{name} {message}, got {getattr(self, name)}")
+        rollout.check_config(self, checks)
 
     def learning_rate(self, step: int) -> float:
         return self.lr * min(1.0, (step + 1) / max(1, self.warmup_steps))
@@ -123,8 +119,10 @@ def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return torch.where(flat, 0.0, (rewards - mean) / std.clamp_min(1e-6))
 
 
-class GRPO:
+class GRPO(rollout.OnPolicyRun):
     """One GRPO run from a checkpoint: the engine (whose model is trained), the reference, the optimizer."""
+
+    name = "grpo"
 
     def __init__(
         self, config: GRPOConfig, model: str | Path | None, progress: bool = True,
@@ -132,6 +130,7 @@ class GRPO:
     ) -> None:  # fmt: skip
         """``prompt_source(step)``: the step's prompts instead of :func:`qwen3.train.rollout.prompts`' mix
         (a narrower task, a fixed set)."""
+        super().__init__()
         self.config = config
         self.prompt_source = prompt_source
         self.progress = progress
@@ -147,8 +146,6 @@ class GRPO:
             self.reference.use_cpu_kernels()
         self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay)
         self.mix = dataclasses.replace(data.DataMix(), agent_tools=config.agent_tools)
-        self.step = 0
-        self.history: list[dict[str, float]] = []
 
     def rollouts(self, step: int) -> list[list[rollout.Rollout]]:
         """The step's groups of replies, judged and rewarded."""
@@ -238,29 +235,10 @@ class GRPO:
         self.optimizer.zero_grad(set_to_none=True)
         self.llm.refresh_weights()
 
-    def train(self) -> list[dict[str, float]]:
-        bar = tqdm(
-            total=self.config.steps, initial=self.step, desc="grpo", unit="step", disable=not self.progress
-        )
-        while self.step < self.config.steps:
-            record = self.train_step()
-            self.history.append(record)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.3f}",
-                            tokens=f"{record['reply_tokens']:.0f}")  # fmt: skip
-            bar.update(1)
-            if not self.progress:
-                logger.info("step %d reward %.3f accuracy %.3f formed %.3f kl %.4f (%.0f s)", record["step"],
-                            record["reward"], record["accuracy"], record["formed"], record["kl"],
-                            record["seconds"])  # fmt: skip
-        bar.close()
-        return self.history
-
-    def export(self, folder: str | Path) -> Path:
-        """The trained model as a Hugging Face folder, with the run's config and history beside it."""
-        folder = export_model(self.model, self.tokenizer, folder)
-        state = {"config": dataclasses.asdict(self.config), "history": self.history}
-        (folder / "grpo_state.json").write_text(json.dumps(state, indent=1) + "\n")
-        return folder
+    def summary(self, record: dict[str, Any]) -> dict[str, str]:
+        keys = ("reward", "accuracy", "formed", "kl")
+        return {**{k: f"{record[k]:.3f}" for k in keys}, "tokens": f"{record['reply_tokens']:.0f}",
+                "s": f"{record['seconds']:.1f}"}  # fmt: skip
 
 
 def _mean(values: Any) -> float:

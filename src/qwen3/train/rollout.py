@@ -27,20 +27,29 @@ policy's; a truncated or tempered distribution would make them differ from what 
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from qwen3.chat import ParsedOutput, parse_output, soft_switch
 from qwen3.engine.attention import AttentionMetadata, KVPool, make_backend
 from qwen3.llm import LLM
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.sampling import SamplingParams
+from qwen3.tokenizer import Tokenizer
 from qwen3.train import data, tasks
+from qwen3.train.trainer import export_model
+
+logger = logging.getLogger(__name__)
 
 SCORE_BLOCK = 16  # tokens per block of score()'s own KV pool
 SCORE_TOKENS = 16384  # tokens per score() call (bounds its pool and logits)
@@ -218,3 +227,60 @@ def placed(
         start = sample.targets.index(True) - 1
         out[r, start : start + len(v)] = v.to(out.device)
     return out
+
+
+def check_config(config: Any, checks: Sequence[tuple[str, bool, str]]) -> None:
+    """Raise ValueError for the first (field, ok, message) that is not ok (a config's ``__post_init__``)."""
+    for name, ok, message in checks:
+        if not ok:
+            raise ValueError(f"{name} {message}, got {getattr(config, name)}")
+
+
+class OnPolicyRun:
+    """What GRPO and distillation share: the step loop with its progress bar and log, and the export.
+
+    Subclasses set ``name``, ``config`` (with ``steps``), ``model``, ``tokenizer``, ``progress`` and
+    implement :meth:`train_step` and :meth:`summary` (the figures the bar and the log show)."""
+
+    name = ""
+    config: Any
+    model: Qwen3ForCausalLM
+    tokenizer: Tokenizer
+    progress: bool
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+
+    def train_step(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def summary(self, record: dict[str, Any]) -> dict[str, str]:
+        raise NotImplementedError
+
+    def train(self) -> list[dict[str, Any]]:
+        """Steps up to ``config.steps``; returns the history (one record a step)."""
+        steps = self.config.steps
+        bar = tqdm(total=steps, initial=self.step, desc=self.name, unit="step", disable=not self.progress)
+        while self.step < steps:
+            record = self.train_step()
+            self.history.append(record)
+            figures = self.summary(record)
+            bar.set_postfix(figures)
+            bar.update(1)
+            if not self.progress:
+                logger.info(
+                    "%s step %d: %s",
+                    self.name,
+                    record["step"],
+                    " ".join(f"{k} {v}" for k, v in figures.items()),
+                )
+        bar.close()
+        return self.history
+
+    def export(self, folder: str | Path) -> Path:
+        """The trained model as a Hugging Face folder, with the run's config and history beside it."""
+        folder = export_model(self.model, self.tokenizer, folder)
+        state = {"config": dataclasses.asdict(self.config), "history": self.history}
+        (folder / f"{self.name}_state.json").write_text(json.dumps(state, indent=1) + "\n")
+        return folder

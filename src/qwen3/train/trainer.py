@@ -99,13 +99,15 @@ class TrainConfig:
         )
 
     def learning_rate(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at the last step."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.lr * (
-            self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        )
+        return warmup_cosine(step, self.lr, self.warmup_steps, self.steps, self.min_lr_ratio)
+
+
+def warmup_cosine(step: int, lr: float, warmup_steps: int, steps: int, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to ``min_ratio * lr`` at the last step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 GENERATION_CONFIG = {
