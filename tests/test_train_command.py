@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,7 @@ def test_stage_values_are_checked(tmp_path: Path, capsys) -> None:
 
 
 def test_grpo_command_writes_a_model_that_loads(tmp_path: Path) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()  # --threads 1 sets it for the process
     try:
         args = ["train", "--stage", "grpo", "--output", str(tmp_path), "--steps", "2", "--prompts-per-step",
                 "3", "--group-size", "2", "--max-tokens", "32", "--threads", "1"]  # fmt: skip
@@ -52,3 +52,20 @@ def test_grpo_command_writes_a_model_that_loads(tmp_path: Path) -> None:
     llm = LLM(folder, max_num_seqs=2, kv_cache_memory="64MiB", progress=False)
     out = llm.chat([{"role": "user", "content": "What is 12 + 30?"}], enable_thinking=False)
     assert out.content
+
+
+def test_distill_command_writes_a_student(tmp_path: Path) -> None:
+    from qwen3.llm import default_model_dir
+
+    args = ["train", "--stage", "distill", "--teacher", str(default_model_dir()), "--output", str(tmp_path),
+            "--steps", "2", "--offpolicy-steps", "1", "--prompts-per-step", "2", "--max-tokens", "16",
+            "--student-layers", "1", "--student-hidden", "64", "--student-intermediate", "64", "--threads", "1"]  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        assert main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    state = json.loads((tmp_path / "model" / "distill_state.json").read_text())
+    assert [h["phase"] for h in state["history"]] == ["off-policy", "on-policy"]
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (1, 64, 1024)

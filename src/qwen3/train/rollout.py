@@ -149,7 +149,9 @@ def score(model: Qwen3ForCausalLM, samples: Sequence[data.Sample]) -> list[torch
     """Each sample's target tokens' logprobs [n_targets], float32, computed as the engine computes them
     (see the module docstring): exact, on the CPU kernels, to what the engine reported while sampling.
 
-    Targets must be one run at the end of the sample (a prompt, then the reply)."""
+    Targets must be one run at the end of the sample (a prompt, then the reply). Off the CPU kernels
+    (CUDA, or ``QWEN3_DISABLE_KERNELS=1``) the attention is the torch backend's and the linear layers are
+    torch's GEMMs, whose results depend on the batch's shape: the values are then close, not exact."""
     out: list[torch.Tensor] = []
     chunk: list[data.Sample] = []
     for sample in samples:
