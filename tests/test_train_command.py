@@ -48,7 +48,7 @@ def test_grpo_command_writes_a_model_that_loads(tmp_path: Path) -> None:
     finally:
         torch.set_num_threads(threads)
     folder = tmp_path / "model"
-    assert (folder / "grpo_state.json").is_file()
+    assert (folder / "grpo_state.json").is_file() and (tmp_path / "reward.png").is_file()
     llm = LLM(folder, max_num_seqs=2, kv_cache_memory="64MiB", progress=False)
     out = llm.chat([{"role": "user", "content": "What is 12 + 30?"}], enable_thinking=False)
     assert out.content
@@ -67,5 +67,6 @@ def test_distill_command_writes_a_student(tmp_path: Path) -> None:
         torch.set_num_threads(threads)
     state = json.loads((tmp_path / "model" / "distill_state.json").read_text())
     assert [h["phase"] for h in state["history"]] == ["off-policy", "on-policy"]
+    assert (tmp_path / "loss.png").is_file()
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (1, 64, 1024)

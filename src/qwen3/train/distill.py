@@ -190,5 +190,9 @@ def run(config: DistillConfig, teacher: str, student: str | None, output: Path) 
                 params / 1e6, min(config.steps, config.offpolicy_steps),
                 max(0, config.steps - config.offpolicy_steps))  # fmt: skip
     distiller.train()
-    logger.info("student written to %s", distiller.export(output / "model"))
+    folder = distiller.export(output / "model")
+    curve = distiller.plot(
+        output / "loss.png", ("loss",), "cross-entropy (off-policy), reverse KL (on-policy)"
+    )
+    logger.info("student written to %s (curve: %s)", folder, curve)
     return 0

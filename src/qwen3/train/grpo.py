@@ -253,5 +253,7 @@ def run(config: GRPOConfig, model: str | None, output: Path) -> int:
                 config.prompts_per_step, config.group_size)  # fmt: skip
     trainer.train()
     folder = trainer.export(output / "model")
-    logger.info("model written to %s", folder)
+    curve = trainer.plot(output / "reward.png", ("reward", "thinking_accuracy", "non_thinking_accuracy"),
+                         "on the step's sampled replies")  # fmt: skip
+    logger.info("model written to %s (curve: %s)", folder, curve)
     return 0

@@ -280,6 +280,33 @@ class OnPolicyRun:
         bar.close()
         return self.history
 
+    def plot(self, path: str | Path, keys: Sequence[str], ylabel: str) -> Path:
+        """The history's ``keys`` against the step, as a PNG (a raw line and a 10-step moving average)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [h["step"] for h in self.history]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in keys:
+            values = [h[key] for h in self.history]
+            line = ax.plot(steps, values, lw=0.6, alpha=0.4)[0]
+            smooth = [
+                sum(values[max(0, i - 9) : i + 1]) / len(values[max(0, i - 9) : i + 1])
+                for i in range(len(values))
+            ]
+            ax.plot(steps, smooth, lw=1.5, color=line.get_color(), label=key.replace("_", " "))
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"tiny Qwen3, {self.name}")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return Path(path)
+
     def export(self, folder: str | Path) -> Path:
         """The trained model as a Hugging Face folder, with the run's config and history beside it."""
         folder = export_model(self.model, self.tokenizer, folder)
