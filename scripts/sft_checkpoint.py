@@ -29,7 +29,9 @@ def main() -> None:
     parser.add_argument("output", type=Path, help="the run folder to write OUTPUT/checkpoint in")
     args = parser.parse_args()
     config = TrainConfig()
-    folder = export_model(load_model(args.model), Tokenizer.from_pretrained(args.model), args.output / "checkpoint")
+    folder = export_model(
+        load_model(args.model), Tokenizer.from_pretrained(args.model), args.output / "checkpoint"
+    )
     save_file({}, str(folder / "optimizer.safetensors"))  # no moments: AdamW starts them afresh
     state = {"step": config.steps, "config": dataclasses.asdict(config), "adam_steps": {}, "history": []}
     (folder / "trainer_state.json").write_text(json.dumps(state) + "\n")
