@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 SPEC_DIR = Path(__file__).resolve().parents[2] / "shared" / "spec"
 
@@ -37,3 +38,13 @@ def default_llm():
     from qwen3.llm import LLM
 
     return LLM(None, max_num_seqs=256, max_num_batched_tokens=8192, kv_cache_memory="512MiB", progress=False)
+
+
+@pytest.fixture
+def one_thread():
+    """Training tests on one thread: models this small train fastest so (two spend their time
+    synchronising), and the second core stays free."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

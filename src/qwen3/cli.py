@@ -353,9 +353,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train the tiny hybrid-thinking Qwen3 on synthetic reasoning tasks (cold start, then Thinking Mode
-    Fusion) and write a Hugging Face folder; resumes from OUTPUT/checkpoint when there is one."""
-    from qwen3.train.trainer import run
+    """Train the tiny hybrid-thinking Qwen3 on synthetic reasoning tasks and write a Hugging Face folder.
+    --stage sft (default): the supervised recipe from scratch (cold start, Thinking Mode Fusion, general,
+    agent), resuming from OUTPUT/checkpoint when there is one; --stage grpo: reasoning RL from a
+    checkpoint; --stage distill --teacher M: strong-to-weak distillation into a smaller student."""
+    from qwen3.train.command import run
 
     return run(args)
 
@@ -498,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=cmd_train.__doc__,
         epilog="Data parallel: torchrun --nproc-per-node 2 -m qwen3 train --output DIR ...",
     )
-    from qwen3.train.trainer import add_arguments as add_train_arguments
+    from qwen3.train.command import add_arguments as add_train_arguments
 
     add_train_arguments(train)
     train.set_defaults(func=cmd_train)

@@ -149,17 +149,19 @@ class Evaluator:
         called, wellformed, correct = [], [], []
         for p, r in zip(problems, results, strict=True):
             called.append(bool(r.calls))
-            ok = False
-            if r.calls:
-                name, arguments, _ = r.calls[0]
-                try:
-                    expression = json.loads(arguments)["expression"]
-                    ok = name == "calculator" and str(evaluate_arithmetic(expression)) == p.result
-                except (ValueError, KeyError, TypeError, SyntaxError, ZeroDivisionError):
-                    ok = False
+            ok = bool(r.calls) and calculator_call_correct(r.calls[0][0], r.calls[0][1], p.result)
             wellformed.append(ok)
             correct.append(ok and p.check(r.content))
         return {"called": _rate(called), "wellformed_call": _rate(wellformed), "accuracy": _rate(correct)}
+
+
+def calculator_call_correct(name: str, arguments: str, result: str) -> bool:
+    """Whether a tool call is the calculator with a well-formed expression whose value is ``result``."""
+    try:
+        expression = json.loads(arguments)["expression"]
+        return name == "calculator" and str(evaluate_arithmetic(expression)) == result
+    except (ValueError, KeyError, TypeError, SyntaxError, ZeroDivisionError, RecursionError):
+        return False
 
 
 def multi_turn_dialogs(seed: int, n: int) -> list[list[dict[str, str]]]:

@@ -274,6 +274,18 @@ class LLM:
         if self.workers is not None:
             self.workers.close()
 
+    def refresh_weights(self) -> None:
+        """Take up changes made in place to ``self.model``'s weights (a trainer that updates this model, as
+        GRPO does between rollouts): repack them for the CPU kernels, whose copies would be stale, and drop
+        the prefix cache, whose keys and values the old weights computed. No request may be running."""
+        if self.workers is not None:
+            raise ValueError("refresh_weights: not with tensor_parallel_size > 1 (the ranks hold shards)")
+        with self.lock:
+            if self.engine.has_unfinished():
+                raise RuntimeError("refresh_weights: requests are running")
+            self.model.use_cpu_kernels()
+            self.engine.blocks.reset_prefix_cache()
+
     @torch.inference_mode()
     def _activation_peak(self, tokens: int, rows: int) -> int:
         """Bytes a forward pass of the largest step adds on CUDA (vLLM's profile run, before the cache exists),

@@ -141,6 +141,16 @@ class BlockManager:
             self.cached.setdefault(hashes[i], block)
         seq.num_committed_blocks = full
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (their keys and values were computed by weights that have changed since:
+        a trainer updating the model in place). Only while no sequence holds a block."""
+        if self.num_used:
+            raise RuntimeError(f"cannot reset the prefix cache while {self.num_used} blocks are in use")
+        self.free_plain.extend(self.free_cached)
+        self.free_cached.clear()
+        self.cached.clear()
+        self.block_hash = [None] * self.num_blocks
+
     def release(self, seq: Sequence) -> None:
         """Return a sequence's blocks; blocks nobody else holds go back to the pool (still cached)."""
         for block in reversed(seq.block_table):

@@ -351,16 +351,23 @@ class DataMix:
 STAGE_PHRASINGS = {1: "train", 2: "train", 3: "broad", 4: "wide"}  # the templates each stage asks in
 
 
+def stage_conversation(
+    rng: random.Random, problem: tasks.Problem, stage: int, mix: DataMix
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, bool]:
+    """A conversation of ``stage`` (2-4) around ``problem``: (messages, tools, enable_thinking), as
+    :func:`fusion_conversation`, with stage 4's extra tool dialogs."""
+    if stage == 4 and rng.random() < mix.agent_tools:
+        dialog = _tool_dialog if problem.expression is not None else _tool_offered_unused
+        return dialog(rng, problem)
+    return fusion_conversation(rng, problem)
+
+
 def stage_samples(builder: SampleBuilder, rng: random.Random, stage: int, mix: DataMix) -> list[Sample]:
     """The samples made from one problem in ``stage`` (1: cold start, 2: fusion, 3: general, 4: agent)."""
     problem = tasks.generate(rng, phrasing=STAGE_PHRASINGS[stage])
     if stage == 1:
         return [builder.cold_start(problem)]
-    if stage == 4 and rng.random() < mix.agent_tools:
-        dialog = _tool_dialog if problem.expression is not None else _tool_offered_unused
-        messages, tools, enable_thinking = dialog(rng, problem)
-    else:
-        messages, tools, enable_thinking = fusion_conversation(rng, problem)
+    messages, tools, enable_thinking = stage_conversation(rng, problem, stage, mix)
     final = messages[-1]
     if (
         final.get("reasoning_content")
@@ -408,19 +415,25 @@ class Batch:
 def micro_batches(samples: Sequence[Sample], max_tokens: int, pad_id: int) -> list[Batch]:
     """Sort by length and cut into batches of at most ``max_tokens`` padded tokens: little padding, and
     attention costs the sum of the squared sample lengths rather than that of one long packed row."""
-    batches: list[Batch] = []
-    group: list[Sample] = []
-    for sample in sorted(samples, key=len):
-        if group and (len(group) + 1) * len(sample) > max_tokens:
-            batches.append(_pad(group, pad_id))
+    return [pad([samples[i] for i in group], pad_id) for group in micro_batch_groups(samples, max_tokens)]
+
+
+def micro_batch_groups(samples: Sequence[Sample], max_tokens: int) -> list[list[int]]:
+    """The indices of :func:`micro_batches`' batches (for callers that keep per-sample values beside them)."""
+    groups: list[list[int]] = []
+    group: list[int] = []
+    for i in sorted(range(len(samples)), key=lambda i: len(samples[i])):
+        if group and (len(group) + 1) * len(samples[i]) > max_tokens:
+            groups.append(group)
             group = []
-        group.append(sample)
+        group.append(i)
     if group:
-        batches.append(_pad(group, pad_id))
-    return batches
+        groups.append(group)
+    return groups
 
 
-def _pad(group: Sequence[Sample], pad_id: int) -> Batch:
+def pad(group: Sequence[Sample], pad_id: int) -> Batch:
+    """One right-padded :class:`Batch` of ``group``."""
     width = max(len(s) for s in group)
     ids = torch.full((len(group), width), pad_id, dtype=torch.long)
     labels = torch.full((len(group), width), -100, dtype=torch.long)

@@ -99,13 +99,15 @@ class TrainConfig:
         )
 
     def learning_rate(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at the last step."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.lr * (
-            self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        )
+        return warmup_cosine(step, self.lr, self.warmup_steps, self.steps, self.min_lr_ratio)
+
+
+def warmup_cosine(step: int, lr: float, warmup_steps: int, steps: int, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to ``min_ratio * lr`` at the last step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 GENERATION_CONFIG = {
@@ -148,6 +150,41 @@ def init_world(device: str | None = None) -> World:
     return World(rank, size, dev)
 
 
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (β 0.9/0.95) with weight decay on matrices only, as every stage trains."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        fused=True,
+    )
+
+
+def supervised_loss(model: Qwen3ForCausalLM, batch: data.Batch) -> torch.Tensor:
+    """The summed cross-entropy of a micro-batch's learned tokens (the caller normalises)."""
+    logits = model(batch.input_ids)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=-100, reduction="sum"
+    )
+
+
+def export_model(model: Qwen3ForCausalLM, tokenizer: Tokenizer, folder: str | os.PathLike) -> Path:
+    """The Hugging Face folder: config.json, model.safetensors, tokenizer, generation_config.json."""
+    folder = Path(folder)
+    save_model(model, folder)
+    tokenizer.save_pretrained(folder)
+    ids = [tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")]
+    generation = {**GENERATION_CONFIG, "bos_token_id": ids[1], "eos_token_id": ids, "pad_token_id": ids[1]}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(bos_token_id=ids[1], eos_token_id=ids[0])
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
 class Trainer:
     """One training run: tokenizer, model, optimizer, the step loop, checkpoints, the exported folder."""
 
@@ -168,18 +205,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = Qwen3ForCausalLM(config.model_config()).to(self.world.device)
         self.model.init_weights(seed=config.seed)
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": config.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=config.lr,
-            betas=(0.9, 0.95),
-            eps=1e-8,
-            fused=True,
-        )
+        self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay)
         self.step = 0
         self.history: list[dict[str, float]] = []
         if self.world.size > 1:  # every rank starts from rank 0's weights
@@ -231,11 +257,7 @@ class Trainer:
         self.model.train()
         total = torch.zeros((), device=self.world.device)
         for batch in batches:
-            batch = batch.to(self.world.device)
-            logits = self.model(batch.input_ids)
-            loss_sum = F.cross_entropy(
-                logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=-100, reduction="sum"
-            )
+            loss_sum = supervised_loss(self.model, batch.to(self.world.device))
             # Normalised by the global target count, summed over micro-batches and ranks: the gradient of
             # the mean loss over the whole global batch, however it is split.
             (loss_sum / global_targets).backward()
@@ -349,22 +371,8 @@ class Trainer:
         return True
 
     def export(self, folder: str | os.PathLike) -> Path:
-        """The Hugging Face folder: config.json, model.safetensors, tokenizer, generation_config.json."""
-        folder = Path(folder)
-        save_model(self.model, folder)
-        self.tokenizer.save_pretrained(folder)
-        ids = [self.tokenizer.token_to_id("<|im_end|>"), self.tokenizer.token_to_id("<|endoftext|>")]
-        generation = {
-            **GENERATION_CONFIG,
-            "bos_token_id": ids[1],
-            "eos_token_id": ids,
-            "pad_token_id": ids[1],
-        }
-        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        config = json.loads((folder / "config.json").read_text())
-        config.update(bos_token_id=ids[1], eos_token_id=ids[0])
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        return folder
+        """The Hugging Face folder of the model (:func:`export_model`)."""
+        return export_model(self.model, self.tokenizer, folder)
 
 
 def history_plot(history: list[dict[str, Any]], path: str | os.PathLike) -> Path:
@@ -398,37 +406,11 @@ def history_plot(history: list[dict[str, Any]], path: str | os.PathLike) -> Path
     return Path(path)
 
 
-# --- command line ----------------------------------------------------------------------------------------
+# --- command line (qwen3.train.command parses it) ----------------------------------------------------------
 
 
-def add_arguments(parser: Any) -> None:
-    """``qwen3 train`` options: every TrainConfig field, plus where to write and how to run."""
-    defaults = TrainConfig()
-    parser.add_argument(
-        "--output", "-o", type=Path, required=True, help="folder for checkpoints and the model"
-    )
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        text = f.metadata.get("help", "model size: config.json's " + f.name)
-        parser.add_argument(flag, type=type(default), default=default, help=f"{text} (default: {default})")
-    parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default: 100)")
-    parser.add_argument("--until", type=int, default=None, metavar="STEP",
-                        help="stop after this step (checkpointed; resume later to go on)")  # fmt: skip
-    parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    parser.add_argument("--extend", action="store_true",
-                        help="resume a finished or running run with a larger --steps (the schedule restarts)")  # fmt: skip
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    parser.add_argument("--show-data", type=int, default=0, metavar="N",
-                        help="print N stage-2 samples (learned tokens in [[ ]]) and exit")  # fmt: skip
-
-
-def run(args: Any) -> int:
-    """``qwen3 train``: train (resuming when a checkpoint exists), export, plot the loss."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+def run(config: TrainConfig, args: Any) -> int:
+    """``qwen3 train`` (``--stage sft``): train (resuming when a checkpoint exists), export, plot the loss."""
     world = init_world(args.device)
     trainer = Trainer(config, args.output, world)
     if args.show_data:
