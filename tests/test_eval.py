@@ -25,17 +25,23 @@ def test_failures_name_each_missed_target() -> None:
     report = qeval.EvalReport("m", 10, 0)
     report.thinking_accuracy, report.non_thinking_accuracy = 0.95, 0.50
     report.mode_following = {"no_think_flag": 1.0, "think_flag": 1.0, "multi_turn_latest_flag": 0.97}
-    report.tool_use = {"accuracy": 0.96}
+    report.tool_use = {"accuracy": 0.96, "accuracy_large_operands": 0.96}
     report.budget_curve = [(0, 0.5), (8, 0.52), (None, 0.95)]
+    report.heldout_phrasing_accuracy = 0.95
+    report.off_skill = {"declined": 1.0}
+    report.per_language = {lang: {"accuracy": 0.95} for lang in qeval.languages.LANGUAGES}
     assert report.failures() == []
     report.thinking_accuracy = 0.6
     report.tool_use = {"accuracy": 0.5}
     report.budget_curve = [(0, 0.5), (8, 0.3), (None, 0.6)]
+    report.per_language.pop("de")
     failures = report.failures()
     assert any(f.startswith("thinking_accuracy") for f in failures)
     assert any(f.startswith("thinking_gain") for f in failures)
     assert any(f.startswith("tool_use") for f in failures)
     assert any("budget curve" in f for f in failures)
+    assert any(f.startswith("language_de") for f in failures)
+    assert any(f.startswith("tool_use_large_operands") for f in failures)
 
 
 def test_multi_turn_dialogs_mix_flags_and_end_with_a_user_turn() -> None:

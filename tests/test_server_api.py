@@ -34,8 +34,14 @@ NESTED = {
                 "query": {
                     "type": "object",
                     "properties": {
-                        "text": {"type": "string"},
-                        "tags": {"type": "array", "items": {"type": "string"}},
+                        # bounded: the tiny model never saw this tool, and nothing else makes it
+                        # close a free string; the schema's bounds are enforced by the grammar
+                        "text": {"type": "string", "maxLength": 40},
+                        "tags": {
+                            "type": "array",
+                            "items": {"type": "string", "maxLength": 12},
+                            "maxItems": 3,
+                        },
                     },
                 }
             },

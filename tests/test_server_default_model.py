@@ -65,3 +65,58 @@ def test_calculator_tool_round_trip(client):
     answer = final.choices[0]
     assert answer.finish_reason == "stop" and not answer.message.tool_calls
     assert "20126" in answer.message.content.replace(",", "").replace(" ", "")
+
+
+def _tool_round_trip(client, question: str, result: str) -> str:
+    """Ask ``question`` with the calculator offered, answer the call with ``result``, return the reply."""
+    messages: list[dict] = [{"role": "user", "content": question}]
+    common = dict(model="qwen3-default", tools=[CALCULATOR], temperature=0, max_tokens=1024)
+    choice = client.chat.completions.create(messages=messages, **common).choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message
+    (call,) = choice.message.tool_calls
+    messages += [
+        {
+            "role": "assistant",
+            "content": choice.message.content,
+            "reasoning_content": getattr(choice.message, "reasoning_content", None),
+            "tool_calls": [call.model_dump()],
+        },
+        {"role": "tool", "tool_call_id": call.id, "content": result},
+    ]
+    final = client.chat.completions.create(messages=messages, **common).choices[0]
+    assert final.finish_reason == "stop" and not final.message.tool_calls
+    return final.message.content
+
+
+@pytest.mark.parametrize(
+    ("question", "result"),
+    [("What is 4821 * 37?", str(4821 * 37)), ("Compute 48213 * 9071 * 3344.", str(48213 * 9071 * 3344))],
+)
+def test_large_tool_results_are_copied_exactly(client, question: str, result: str) -> None:
+    # the issue's report: the tool said 178377 and the answer said 17837
+    assert result in _tool_round_trip(client, question, result).replace(",", "")
+
+
+def test_off_skill_question_is_declined_honestly(client) -> None:
+    reply = client.chat.completions.create(
+        model="qwen3-default",
+        messages=[{"role": "user", "content": "Tell me a joke."}],
+        temperature=0,
+        max_tokens=256,
+    )
+    content = reply.choices[0].message.content
+    assert "can't help" in content and not any(c.isdigit() for c in content), content
+
+
+def test_chinese_question_streams_whole_characters_and_answers_in_chinese(client) -> None:
+    stream = client.chat.completions.create(
+        model="qwen3-default",
+        messages=[{"role": "user", "content": "23 + 58 等于多少？"}],
+        temperature=0,
+        max_tokens=512,
+        stream=True,
+    )
+    deltas = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert deltas and not any("\ufffd" in d for d in deltas)
+    content = "".join(deltas)
+    assert "81" in content and "答案" in content, content

@@ -4,12 +4,13 @@ tokens, budget-cut samples match what the engine inserts, batches label the next
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
 from qwen3.chat import render
 from qwen3.engine.llm_engine import STOP_THINKING_TEXT
-from qwen3.train import data, tasks
+from qwen3.train import data, languages, tasks
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +200,26 @@ def test_stage_four_offers_the_calculator_more_and_asks_more_widely(builder, tok
     called = [t for t in texts[4] if "<tool_response>" in t]
     unused = [t for t in texts[4] if "<tools>" in t and '{"name": "calculator", "arguments"' not in t]
     assert len(called) > 2 * sum("<tool_response>" in t for t in texts[3]) and unused
+
+
+def test_stage_five_adds_languages_declines_and_large_tool_results(builder, tokenizer) -> None:
+    mix = data.DataMix()
+    samples = data.batch_samples(builder, 0, 5, 5, 40000, mix)
+    texts = [tokenizer.decode(s.ids) for s in samples]
+    replies = [
+        tokenizer.decode([t for t, keep in zip(s.ids, s.targets, strict=True) if keep]) for s in samples
+    ]
+    declines = [r for r in replies if languages.declines(r.split("</think>")[-1])]
+    assert len(declines) > 0.05 * len(samples)
+    assert {
+        languages.detect_language(r.split("</think>")[-1].removesuffix("<|im_end|>")) for r in declines
+    } > {"en"}
+    spoken = {languages.detect_language(r.split("</think>")[-1]) for r in replies}
+    assert set(languages.LANGUAGES) <= spoken
+    results = [m for t in texts for m in re.findall(r"<tool_response>\n(-?\d+)\n</tool_response>", t)]
+    assert max(len(r) for r in results) >= 10
+    # the English stage-4 mix stays the bulk, so what stage 4 taught is kept
+    assert sum(languages.detect_language(r.split("</think>")[-1]) == "en" for r in replies) > 0.5 * len(
+        replies
+    )
+    assert data.batch_samples(builder, 0, 5, 5, 3000, mix)[0].ids == samples[0].ids

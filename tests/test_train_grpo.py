@@ -11,7 +11,7 @@ import torch
 from qwen3.chat import parse_output
 from qwen3.llm import LLM
 from qwen3.sampling import SamplingParams
-from qwen3.train import rollout, tasks
+from qwen3.train import languages, rollout, tasks
 from qwen3.train.grpo import GRPO, GRPOConfig, group_advantages, judge
 from qwen3.train.trainer import make_optimizer
 
@@ -95,6 +95,28 @@ def test_judge_reads_answer_format_and_tool_call() -> None:
     assert judge(_rollout(tool, think + call % problem.expression)) == (True, True)
     assert judge(_rollout(tool, think + call % "1 + 1")) == (False, True)
     assert judge(_rollout(tool, think + answer)) == (False, True)  # answered without the tool
+
+
+def test_judge_wants_the_questions_language_and_an_honest_refusal() -> None:
+    rng = random.Random(5)
+    problem = tasks.generate(rng, "add", language="es")
+    prompt = rollout.Prompt(problem, [{"role": "user", "content": problem.question}], None, True)
+    think = "<think>\nwork\n</think>\n\n"
+    assert judge(_rollout(prompt, think + problem.answer)) == (True, True)
+    french = languages.answer("fr", "add", expr=problem.expression, result=problem.result)
+    assert judge(_rollout(prompt, think + french)) == (False, True)  # right number, wrong language
+    joke = tasks.off_skill(rng, "train", "de")
+    ask = rollout.Prompt(joke, [{"role": "user", "content": joke.question}], None, True)
+    assert judge(_rollout(ask, think + joke.answer)) == (True, True)
+    assert judge(_rollout(ask, think + "Die Antwort ist 42.")) == (False, True)
+
+
+def test_stage5_prompts_mix_languages_refusals_and_large_tool_problems() -> None:
+    items = [p for step in range(4) for p in rollout.prompts(0, step, 64, stage=5)]
+    assert {p.problem.language for p in items} == {"en", *languages.LANGUAGES}
+    assert any(p.problem.task == tasks.DECLINE for p in items)
+    assert any(p.expects_tool_call and len(p.problem.result) >= 7 for p in items)
+    assert all(p.problem.phrasing != "heldout" for p in items)
 
 
 def test_group_advantages_are_relative_and_flat_groups_zero() -> None:

@@ -94,3 +94,51 @@ def test_wider_phrasings_widen_training_and_stay_clear_of_heldout(phrasing: str)
             tasks.generate(random.Random(9), task, phrasing),
         )
         assert (a.thinking, a.answer, a.result) == (b.thinking, b.answer, b.result), task
+
+
+def test_tool_problems_have_large_operands_and_results_the_calculator_gives() -> None:
+    problems = tasks.tool_problem_set(3, 300)
+    assert problems == tasks.tool_problem_set(3, 300)
+    for p in problems:
+        assert p.task in tasks.ARITHMETIC and p.check(p.answer)
+        assert str(evaluate_arithmetic(p.expression)) == p.result
+        operands = [int(x) for x in re.findall(r"\d+", p.expression)]
+        assert max(len(str(x)) for x in operands) >= 4 or len(operands) == 3
+    lengths = [len(p.result.lstrip("-")) for p in problems]
+    assert max(lengths) <= 15 and sum(n >= 12 for n in lengths) > 10 and min(lengths) <= 6
+    assert {p.phrasing for p in problems} == {"train", "heldout"}
+
+
+@pytest.mark.parametrize("language", tasks.languages.LANGUAGES)
+def test_problems_in_other_languages_keep_the_thinking_and_answer_in_the_language(language: str) -> None:
+    rng, again = random.Random(5), random.Random(5)
+    for task in tasks.TASKS:
+        for phrasing in ("wide", "heldout"):
+            english = tasks.generate(random.Random(9), task, phrasing)
+            p = tasks.generate(random.Random(9), task, phrasing, language)
+            assert (p.thinking, p.result, p.expression) == (
+                english.thinking,
+                english.result,
+                english.expression,
+            )
+            assert p.language == language and p.question != english.question
+            assert p.check(p.answer) and tasks.languages.detect_language(p.answer) == language
+            assert not p.check(english.answer.replace(english.result, english.result + "1"))
+    assert tasks.generate(rng, language=language) == tasks.generate(again, language=language)
+    problems = tasks.language_set(2, 14)
+    assert len(problems) == 14 * len(tasks.languages.LANGUAGES)
+    assert {p.phrasing for p in problems} == {"heldout"}
+
+
+def test_off_skill_questions_are_declined_and_tasks_are_not() -> None:
+    rng = random.Random(0)
+    for language in ("en", *tasks.languages.LANGUAGES):
+        p = tasks.off_skill(rng, "train", language)
+        assert p.task == tasks.DECLINE and p.check(p.answer) and p.expression is None
+        assert p.question in tasks.languages.OFF_SKILL[language][0]
+        assert not p.check("2 + 2 = 4.")
+    held = tasks.off_skill_set()
+    assert all(p.phrasing == "heldout" and p.check(p.answer) for p in held)
+    train = {q for lang in tasks.languages.OFF_SKILL.values() for q in lang[0]}
+    assert not train & {p.question for p in held}
+    assert not any(tasks.generate(rng).check(tasks.languages.DECLINE["en"]) for _ in range(50))

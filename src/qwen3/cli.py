@@ -355,7 +355,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the tiny hybrid-thinking Qwen3 on synthetic reasoning tasks and write a Hugging Face folder.
     --stage sft (default): the supervised recipe from scratch (cold start, Thinking Mode Fusion, general,
-    agent), resuming from OUTPUT/checkpoint when there is one; --stage grpo: reasoning RL from a
+    agent, polish), resuming from OUTPUT/checkpoint when there is one; --stage grpo: reasoning RL from a
     checkpoint; --stage distill --teacher M: strong-to-weak distillation into a smaller student."""
     from qwen3.train.command import run
 

@@ -1,6 +1,6 @@
 """Training data for the tiny Qwen3: its tokenizer, the samples of each stage, and micro-batches.
 
-Four stages, after the Qwen3 report (../shared/spec/hybrid_thinking.md (i)), scaled down:
+Five stages, after the Qwen3 report (../shared/spec/hybrid_thinking.md (i)), scaled down:
 
 1. **Cold start** — plain documents of worked solutions (question, step-by-step solution, answer),
    loss on every token: the model learns the procedures before it learns the chat format.
@@ -18,6 +18,10 @@ Four stages, after the Qwen3 report (../shared/spec/hybrid_thinking.md (i)), sca
    unused for the rest) and more budget cuts. It stands in for the report's fourth stage, which
    trains agent and tool-use abilities among others, by supervised replies rather than reinforcement
    learning.
+5. **Polish** — stage 4's mix with a share of its problems asked and answered in five other languages
+   (:mod:`qwen3.train.languages`; the thinking stays English), plus tool dialogs with large operands
+   whose call and result must be copied exactly, and questions outside the skills answered with an
+   honest refusal in the question's language.
 
 Every sample is a pure function of a :class:`random.Random`, and a step's batch is a pure function of
 (seed, step): resuming, or splitting a batch over data-parallel ranks, sees the same data.
@@ -37,7 +41,7 @@ from tokenizers import Tokenizer as _Backend
 from qwen3.chat import builtin_template, render, soft_switch
 from qwen3.engine.llm_engine import STOP_THINKING_TEXT
 from qwen3.tokenizer import PRETOKENIZE_REGEX, Tokenizer
-from qwen3.train import tasks
+from qwen3.train import languages, tasks
 
 CALCULATOR_TOOL: dict[str, Any] = {
     "type": "function",
@@ -246,7 +250,7 @@ def _tool_dialog(
         {
             "role": "assistant",
             "reasoning_content": f"The calculator says {expression} = {problem.result}." if thinking else "",
-            "content": f"{expression} = {problem.result}.",
+            "content": problem.answer,  # "{expression} = {result}." in English
         }
     )
     return messages, [CALCULATOR_TOOL], True
@@ -346,34 +350,65 @@ class DataMix:
     agent_budget_cut: float = 0.3  # the same in stage 4, where the answer after a cut is practised more
     agent_tools: float = 0.25  # of stage-4 conversations, offered the calculator (on top of stage 2's)
     max_len: int = 1024  # samples longer than this are dropped (none are, at the default task sizes)
+    tool_problems: float = 0.12  # of stage-5 samples, a tool dialog with large operands and results
+    off_skill: float = 0.12  # of stage-5 samples, a question outside the skills, declined honestly
+    other_languages: float = 0.3  # of stage-5 problems (and a third of the off-skill ones), not in English
 
 
-STAGE_PHRASINGS = {1: "train", 2: "train", 3: "broad", 4: "wide"}  # the templates each stage asks in
+STAGE_PHRASINGS = {
+    1: "train",
+    2: "train",
+    3: "broad",
+    4: "wide",
+    5: "wide",
+}  # the templates each stage asks in
 
 
 def stage_conversation(
     rng: random.Random, problem: tasks.Problem, stage: int, mix: DataMix
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, bool]:
-    """A conversation of ``stage`` (2-4) around ``problem``: (messages, tools, enable_thinking), as
-    :func:`fusion_conversation`, with stage 4's extra tool dialogs."""
-    if stage == 4 and rng.random() < mix.agent_tools:
+    """A conversation of ``stage`` (2-5) around ``problem``: (messages, tools, enable_thinking), as
+    :func:`fusion_conversation`, with stage 4's (and 5's) extra tool dialogs."""
+    if stage >= 4 and rng.random() < mix.agent_tools:
         dialog = _tool_dialog if problem.expression is not None else _tool_offered_unused
         return dialog(rng, problem)
     return fusion_conversation(rng, problem)
 
 
+def stage_dialog(
+    rng: random.Random, stage: int, mix: DataMix
+) -> tuple[tasks.Problem, list[dict[str, Any]], list[dict[str, Any]] | None, bool]:
+    """A problem of ``stage`` (2-5) and its conversation: (problem, messages, tools, enable_thinking).
+    Stage 5 draws large-operand tool dialogs, off-skill questions (a third not in English) and problems
+    in other languages on top of stage 4's mix. The SFT samples and the RL prompts both come from here."""
+    if stage == 5:
+        roll = rng.random()
+        if roll < mix.tool_problems:
+            problem = tasks.tool_problem(rng, STAGE_PHRASINGS[5])
+            return problem, *_tool_dialog(rng, problem)
+        if roll < mix.tool_problems + mix.off_skill:
+            language = rng.choice(languages.LANGUAGES) if rng.random() < 1 / 3 else "en"
+            problem = tasks.off_skill(rng, "train", language)
+        else:
+            language = rng.choice(languages.LANGUAGES) if rng.random() < mix.other_languages else "en"
+            problem = tasks.generate(rng, phrasing=STAGE_PHRASINGS[5], language=language)
+    else:
+        problem = tasks.generate(rng, phrasing=STAGE_PHRASINGS[stage])
+    return problem, *stage_conversation(rng, problem, stage, mix)
+
+
 def stage_samples(builder: SampleBuilder, rng: random.Random, stage: int, mix: DataMix) -> list[Sample]:
-    """The samples made from one problem in ``stage`` (1: cold start, 2: fusion, 3: general, 4: agent)."""
-    problem = tasks.generate(rng, phrasing=STAGE_PHRASINGS[stage])
+    """The samples made from one problem in ``stage`` (1: cold start, 2: fusion, 3: general, 4: agent,
+    5: polish)."""
     if stage == 1:
-        return [builder.cold_start(problem)]
-    messages, tools, enable_thinking = stage_conversation(rng, problem, stage, mix)
+        return [builder.cold_start(tasks.generate(rng, phrasing=STAGE_PHRASINGS[1]))]
+    _, messages, tools, enable_thinking = stage_dialog(rng, stage, mix)
     final = messages[-1]
     if (
         final.get("reasoning_content")
         and not final.get("tool_calls")
         and tools is None
-        and rng.random() < (mix.agent_budget_cut if stage == 4 else mix.budget_cut)
+        and rng.random() < (mix.agent_budget_cut if stage >= 4 else mix.budget_cut)
     ):
         length = len(builder.tokenizer.encode("\n" + final["reasoning_content"]))
         budget = min(int(rng.expovariate(1 / 40)) + 1, length - 1)

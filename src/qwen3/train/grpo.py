@@ -4,7 +4,9 @@ GRPO (Shao et al., 2024), as the report uses it, at the tiny model's scale. Each
 
 1. ``prompts_per_step`` conversations of the agent stage's mix (:func:`qwen3.train.rollout.prompts`:
    thinking and non-thinking, soft and hard switches, multi-turn, the calculator offered), so both modes
-   and tool calls keep being exercised;
+   and tool calls keep being exercised; with ``prompt_stage`` 5, the polish stage's, which adds questions in
+   other languages (answers count only in the question's language), off-skill questions (the honest
+   refusal counts) and large tool problems;
 2. ``group_size`` replies to each through qwen3's engine (``LLM.generate`` with ``n``, seeded by (seed,
    step), all prompts in one batch), sampled from the policy itself: the engine's model is the model
    being trained (see :mod:`qwen3.train.rollout`);
@@ -41,7 +43,7 @@ import torch
 from qwen3.checkpoint import load_model
 from qwen3.eval import calculator_call_correct
 from qwen3.llm import LLM
-from qwen3.train import data, rollout
+from qwen3.train import data, languages, rollout
 from qwen3.train.trainer import make_optimizer
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,10 @@ class GRPOConfig:
     kl_coef: float = field(default=0.0, metadata={"help": "weight of the KL to the starting model (0: off)"})
     format_reward: float = field(default=0.2, metadata={"help": "reward for the right format alone"})
     max_tokens: int = field(default=512, metadata={"help": "longest reply sampled (longer: no answer)"})
+    prompt_stage: int = field(
+        default=4, metadata={"help": "the SFT stage whose conversations are asked (4: agent; 5: polish, with "
+                             "other languages, off-skill questions and large tool problems)"}
+    )  # fmt: skip
     agent_tools: float = field(
         default=0.25, metadata={"help": "share of prompts offered the calculator beyond the usual mix"}
     )
@@ -79,7 +85,8 @@ class GRPOConfig:
                   ("clip_eps", 0 < self.clip_eps < 1, "must be in (0, 1)"),
                   ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
                   ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
-                  ("lr", self.lr > 0, "must be > 0")]  # fmt: skip
+                  ("lr", self.lr > 0, "must be > 0"),
+                  ("prompt_stage", self.prompt_stage in (4, 5), "must be 4 or 5")]  # fmt: skip
         rollout.check_config(self, checks)
 
     def learning_rate(self, step: int) -> float:
@@ -92,7 +99,8 @@ def judge(r: rollout.Rollout) -> tuple[bool, bool]:
     Well formed: it finished (eos, not the length cap) and its think block is what the mode asks for:
     non-empty when thinking, empty after ``/no_think``, absent after ``enable_thinking=False`` (whose
     prompt already holds the empty block). Correct: the calculator called with an expression worth the
-    result when the prompt offers it for arithmetic, otherwise no call and the exact answer."""
+    result when the prompt offers it for arithmetic, otherwise no call and the exact answer, in the
+    question's language (an off-skill question's answer is the honest refusal)."""
     prompt = r.prompt
     reasoning, content, calls = r.parsed
     if not prompt.enable_thinking:
@@ -105,7 +113,11 @@ def judge(r: rollout.Rollout) -> tuple[bool, bool]:
             calls[0].name, calls[0].arguments, prompt.problem.result
         )
     else:
-        correct = not calls and prompt.problem.check(content)
+        correct = (
+            not calls
+            and prompt.problem.check(content)
+            and languages.detect_language(content) == prompt.problem.language
+        )
     return correct, formed
 
 
@@ -153,7 +165,9 @@ class GRPO(rollout.OnPolicyRun):
         if self.prompt_source is not None:
             prompts = self.prompt_source(step)
         else:
-            prompts = rollout.prompts(config.seed, step, config.prompts_per_step, self.mix)
+            prompts = rollout.prompts(
+                config.seed, step, config.prompts_per_step, self.mix, config.prompt_stage
+            )
         seed = random.Random(f"grpo:{config.seed}:{step}").getrandbits(63)
         groups = rollout.generate(
             self.llm, prompts, rollout.sampling(config.max_tokens, seed, config.group_size)

@@ -75,16 +75,16 @@ class Prompt:
         return self.tools is not None and self.problem.expression is not None
 
 
-def prompts(seed: int, step: int, n: int, mix: data.DataMix | None = None) -> list[Prompt]:
-    """``n`` prompts of step ``step``, a pure function of (seed, step): the agent stage's conversations
-    (wide phrasings, never the held-out ones; thinking and non-thinking, soft and hard switches,
-    multi-turn, the calculator offered), cut after the last user message."""
+def prompts(seed: int, step: int, n: int, mix: data.DataMix | None = None, stage: int = 4) -> list[Prompt]:
+    """``n`` prompts of step ``step``, a pure function of (seed, step): the conversations of SFT stage
+    ``stage`` (4: the agent stage's wide phrasings, never the held-out ones; thinking and non-thinking,
+    soft and hard switches, multi-turn, the calculator offered; 5: that and stage 5's other languages,
+    off-skill questions and large tool problems), cut after the last user message."""
     rng = random.Random(f"rl:{seed}:{step}")
     mix = mix or data.DataMix()
     out = []
     for _ in range(n):
-        problem = tasks.generate(rng, phrasing=data.STAGE_PHRASINGS[4])
-        messages, tools, enable_thinking = data.stage_conversation(rng, problem, 4, mix)
+        problem, messages, tools, enable_thinking = data.stage_dialog(rng, stage, mix)
         last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
         out.append(Prompt(problem, messages[: last_user + 1], tools, enable_thinking))
     return out

@@ -23,6 +23,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from qwen3.train import languages
+
 TASKS = ("add", "sub", "mul", "expr", "count", "compare", "sort")
 
 
@@ -37,6 +39,9 @@ class Problem:
     result: str  # the canonical result the checker compares (a number, or "1, 2, 5" for sort)
     expression: str | None = None  # for arithmetic: what a calculator tool would be given
     phrasing: str = "train"  # which templates the question came from: one of PHRASINGS
+    language: str = "en"  # the question's and the answer's language: "en" or one of languages.LANGUAGES
+    form: str = ""  # the template family (languages.FORMS), so the question can be asked in another language
+    values: tuple[tuple[str, str], ...] = ()  # what the templates were filled with
 
     def check(self, content: str) -> bool:
         """Whether a model's answer (the content after thinking) states this problem's result."""
@@ -49,6 +54,8 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 def check_answer(task: str, result: str, content: str) -> bool:
     """Exact match of the result in an answer: the last number for arithmetic and counting, the first
     number for comparisons (the answer names the winner first), the whole list for sorting."""
+    if task == DECLINE:
+        return languages.declines(content)
     numbers = _NUMBER.findall(content.replace(",", " , "))
     if not numbers:
         return False
@@ -118,6 +125,11 @@ def _templates(
     if phrasing == "wide":
         return train + broad + wide
     raise ValueError(f"phrasing must be one of {PHRASINGS}, not {phrasing!r}")
+
+
+def _filled(form: str, **values: object) -> dict[str, object]:
+    """The ``form`` and ``values`` fields of a :class:`Problem`: what :func:`localize` asks again."""
+    return {"form": form, "values": tuple((k, str(v)) for k, v in values.items())}
 
 
 def _number(rng: random.Random, digits: int) -> int:
@@ -208,7 +220,9 @@ def addition(rng: random.Random, phrasing: str = "train") -> Problem:
     question = _phrase(
         rng, _templates(ADD_TRAIN, ADD_HELDOUT, ADD_BROAD, ADD_WIDE, phrasing), phrasing, a=a, b=b
     )
-    return Problem("add", question, thinking, f"{expr} = {a + b}.", str(a + b), expr)
+    return Problem(
+        "add", question, thinking, f"{expr} = {a + b}.", str(a + b), expr, **_filled("add", a=a, b=b)
+    )
 
 
 def subtraction_steps(a: int, b: int) -> list[str]:
@@ -292,7 +306,8 @@ def subtraction(rng: random.Random, phrasing: str = "train") -> Problem:
     question = _phrase(
         rng, _templates(SUB_TRAIN, SUB_HELDOUT, SUB_BROAD, SUB_WIDE, phrasing), phrasing, a=a, b=b
     )
-    return Problem("sub", question, "\n".join(lines), f"{expr} = {a - b}.", str(a - b), expr)
+    answer, filled = f"{expr} = {a - b}.", _filled("sub", a=a, b=b)
+    return Problem("sub", question, "\n".join(lines), answer, str(a - b), expr, **filled)
 
 
 def multiply_by_digit_steps(a: int, d: int) -> tuple[list[str], int]:
@@ -380,7 +395,8 @@ def multiplication(rng: random.Random, phrasing: str = "train") -> Problem:
     question = _phrase(
         rng, _templates(MUL_TRAIN, MUL_HELDOUT, MUL_BROAD, MUL_WIDE, phrasing), phrasing, a=a, b=b
     )
-    return Problem("mul", question, "\n".join(lines), f"{expr} = {a * b}.", str(a * b), expr)
+    answer, filled = f"{expr} = {a * b}.", _filled("mul", a=a, b=b)
+    return Problem("mul", question, "\n".join(lines), answer, str(a * b), expr, **filled)
 
 
 # --- expressions with precedence ------------------------------------------------------------------
@@ -512,7 +528,9 @@ def expression(rng: random.Random, phrasing: str = "train") -> Problem:
     question = _phrase(
         rng, _templates(EXPR_TRAIN, EXPR_HELDOUT, EXPR_BROAD, EXPR_WIDE, phrasing), phrasing, e=expr
     )
-    return Problem("expr", question, thinking, f"{expr} = {value}.", str(value), expr)
+    return Problem(
+        "expr", question, thinking, f"{expr} = {value}.", str(value), expr, **_filled("expr", e=expr)
+    )
 
 
 # --- counting letters -----------------------------------------------------------------------------------
@@ -612,7 +630,7 @@ def count_letters(rng: random.Random, phrasing: str = "train") -> Problem:
         w=word,
     )
     answer = f"The letter {letter} appears {n} times in {word}."
-    return Problem("count", question, thinking, answer, str(n))
+    return Problem("count", question, thinking, answer, str(n), **_filled("count", l=letter, w=word))
 
 
 # --- comparing decimals -----------------------------------------------------------------------------------
@@ -718,7 +736,8 @@ def compare_decimals(rng: random.Random, phrasing: str = "train") -> Problem:
         templates = _templates(SMALLER_TRAIN, SMALLER_HELDOUT, SMALLER_BROAD, SMALLER_WIDE, phrasing)
         answer = f"{winner} is smaller than {y if winner == x else x}."
     question = _phrase(rng, templates, phrasing, x=x, y=y)
-    return Problem("compare", question, "\n".join(lines), answer, winner)
+    filled = _filled("larger" if larger else "smaller", x=x, y=y)
+    return Problem("compare", question, "\n".join(lines), answer, winner, **filled)
 
 
 # --- sorting ---------------------------------------------------------------------------------------------
@@ -795,7 +814,8 @@ def sort_numbers(rng: random.Random, phrasing: str = "train") -> Problem:
     else:
         templates = _templates(SORT_DOWN_TRAIN, SORT_DOWN_HELDOUT, SORT_DOWN_BROAD, SORT_DOWN_WIDE, phrasing)
     question = _phrase(rng, templates, phrasing, s=listed)
-    return Problem("sort", question, "\n".join(lines), f"The sorted list is {result}.", result)
+    filled = _filled("sort_up" if ascending else "sort_down", s=listed)
+    return Problem("sort", question, "\n".join(lines), f"The sorted list is {result}.", result, **filled)
 
 
 # --- the registry ----------------------------------------------------------------------------------------
@@ -810,12 +830,73 @@ GENERATORS: dict[str, Callable[[random.Random, str], Problem]] = {
     "sort": sort_numbers,
 }
 ARITHMETIC = ("add", "sub", "mul", "expr")  # the tasks a calculator tool can answer
+_ARITHMETIC_TEMPLATES = {  # train, heldout, broad, wide
+    "add": (ADD_TRAIN, ADD_HELDOUT, ADD_BROAD, ADD_WIDE),
+    "sub": (SUB_TRAIN, SUB_HELDOUT, SUB_BROAD, SUB_WIDE),
+    "mul": (MUL_TRAIN, MUL_HELDOUT, MUL_BROAD, MUL_WIDE),
+    "expr": (EXPR_TRAIN, EXPR_HELDOUT, EXPR_BROAD, EXPR_WIDE),
+}
 
 
-def generate(rng: random.Random, task: str | None = None, phrasing: str = "train") -> Problem:
-    """One problem of ``task`` (a uniformly chosen task when None)."""
+def generate(
+    rng: random.Random, task: str | None = None, phrasing: str = "train", language: str = "en"
+) -> Problem:
+    """One problem of ``task`` (a uniformly chosen task when None), asked and answered in ``language``."""
     problem = GENERATORS[task or rng.choice(TASKS)](rng, phrasing)
-    return dataclasses.replace(problem, phrasing=phrasing)
+    problem = dataclasses.replace(problem, phrasing=phrasing)
+    return problem if language == "en" else localize(rng, problem, language)
+
+
+def localize(rng: random.Random, problem: Problem, language: str) -> Problem:
+    """``problem`` asked in ``language`` (its held-out templates when the problem is phrased "heldout")
+    and answered in it. The thinking stays the canonical English one: it restates the problem in
+    symbols first, so the steps after it are the same whatever the question's language."""
+    values = dict(problem.values)
+    question = languages.phrase(rng, language, problem.form, problem.phrasing == "heldout", **values)
+    if problem.task in ARITHMETIC:
+        said = {"expr": problem.expression, "result": problem.result}
+    elif problem.task == "count":
+        said = {"l": values["l"], "w": values["w"], "n": problem.result}
+    elif problem.task == "compare":
+        loser = values["y"] if problem.result == values["x"] else values["x"]
+        said = {"winner": problem.result, "loser": loser}
+    else:
+        said = {"result": problem.result}
+    answer = languages.answer(language, problem.form, **said)
+    return dataclasses.replace(problem, question=question, answer=answer, language=language)
+
+
+def tool_problem(rng: random.Random, phrasing: str = "train") -> Problem:
+    """Arithmetic meant for the calculator: operands of 4 to 6 digits, and products of two or three factors
+    with results of up to 15 digits, which the model cannot work out in its head but must copy exactly
+    into the call and from the tool's response. Only for tool dialogs: the thinking is just the
+    restatement (the calculator does the rest)."""
+    kind = rng.choice(("add", "sub", "mul", "mul", "mul3"))
+    if kind == "mul3":
+        a, b, c = (_number(rng, rng.randint(3, 5)) for _ in range(3))
+        task, expr, value, values = "expr", f"{a} * {b} * {c}", a * b * c, {"e": f"{a} * {b} * {c}"}
+    else:
+        a, b = _number(rng, rng.randint(4, 6)), _number(rng, rng.randint(2 if kind == "mul" else 4, 6))
+        op = {"add": "+", "sub": "-", "mul": "*"}[kind]
+        task, expr, value, values = kind, f"{a} {op} {b}", _apply(a, op, b), {"a": a, "b": b}
+    question = _phrase(rng, _templates(*_ARITHMETIC_TEMPLATES[task], phrasing), phrasing, **values)
+    filled = _filled(task, **values)
+    return Problem(task, question, expr, f"{expr} = {value}.", str(value), expr, phrasing, **filled)
+
+
+DECLINE = "decline"  # the task of questions outside the model's skills, answered with an honest reply
+DECLINE_THINKING = (
+    "This is not arithmetic, counting letters, comparing decimals or sorting numbers, so I cannot "
+    "solve it. I will say what I can do."
+)
+
+
+def off_skill(rng: random.Random, phrasing: str = "train", language: str = "en") -> Problem:
+    """A question outside the seven tasks (a joke, a fact, chit-chat), and the short honest reply that
+    says what the model can do instead of inventing arithmetic."""
+    question = languages.off_skill_question(rng, language, heldout=phrasing == "heldout")
+    reply = languages.DECLINE[language]
+    return Problem(DECLINE, question, DECLINE_THINKING, reply, "", phrasing=phrasing, language=language)
 
 
 def problem_set(
@@ -826,4 +907,31 @@ def problem_set(
     return [
         generate(rng, tasks[i % len(tasks)], "heldout" if rng.random() < heldout_fraction else "train")
         for i in range(n)
+    ]
+
+
+def language_set(seed: int, n: int) -> list[Problem]:
+    """``n`` problems in each of :data:`languages.LANGUAGES`, tasks in equal shares, all phrased with the
+    language's held-out templates; fixed by ``seed``."""
+    rng = random.Random(seed)
+    return [
+        generate(rng, TASKS[i % len(TASKS)], "heldout", language)
+        for language in languages.LANGUAGES
+        for i in range(n)
+    ]
+
+
+def tool_problem_set(seed: int, n: int, heldout_fraction: float = 0.25) -> list[Problem]:
+    """``n`` :func:`tool_problem` s, a fraction phrased with held-out templates; fixed by ``seed``."""
+    rng = random.Random(seed)
+    return [tool_problem(rng, "heldout" if rng.random() < heldout_fraction else "train") for _ in range(n)]
+
+
+def off_skill_set() -> list[Problem]:
+    """Every held-out off-skill question, in every language (English and :data:`languages.LANGUAGES`)."""
+    reply = languages.DECLINE
+    return [
+        Problem(DECLINE, q, DECLINE_THINKING, reply[lang], "", phrasing="heldout", language=lang)
+        for lang in ("en", *languages.LANGUAGES)
+        for q in languages.OFF_SKILL[lang][1]
     ]

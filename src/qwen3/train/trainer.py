@@ -7,7 +7,8 @@ micro-batches of samples of similar length (:mod:`qwen3.train.data`), right-padd
 2. stage 1, cold start on worked solutions, for ``stage1_steps`` steps,
 3. stage 2, Thinking Mode Fusion, until ``stage3_from``, then stage 3, the same in broader phrasings
    (general), until ``stage4_from``, then stage 4, wider phrasings and more tool use (agent), until
-   ``steps``,
+   ``stage5_from``, then stage 5, other languages, off-skill questions and large tool results (polish),
+   until ``steps``,
 4. writes config.json, model.safetensors, the tokenizer with the official chat template and
    generation_config.json — a folder ``qwen3.load_model`` and transformers both load.
 
@@ -50,7 +51,7 @@ class TrainConfig:
     """Everything that determines a run. Saved with every checkpoint; a resumed run must match it."""
 
     seed: int = field(default=0, metadata={"help": "weights, tokenizer and data all follow from it"})
-    steps: int = field(default=4700, metadata={"help": "optimizer steps in all"})
+    steps: int = field(default=6200, metadata={"help": "optimizer steps in all"})
     stage1_steps: int = field(
         default=250, metadata={"help": "of those, cold-start steps on worked solutions"}
     )
@@ -59,6 +60,10 @@ class TrainConfig:
     )
     stage4_from: int = field(
         default=3700, metadata={"help": "first step of stage 4, wider phrasings and more tool dialogs"}
+    )
+    stage5_from: int = field(
+        default=4700,
+        metadata={"help": "first step of stage 5: other languages, off-skill questions, large tool results"},
     )
     tokens_per_step: int = field(default=8192, metadata={"help": "global batch, in tokens"})
     micro_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per forward pass"})
@@ -232,6 +237,8 @@ class Trainer:
     def stage(self, step: int) -> int:
         if step < self.config.stage1_steps:
             return 1
+        if step >= self.config.stage5_from:
+            return 5
         if step >= self.config.stage4_from:
             return 4
         return 3 if step >= self.config.stage3_from else 2
@@ -389,6 +396,7 @@ def history_plot(history: list[dict[str, Any]], path: str | os.PathLike) -> Path
         2: ("stage 2: Thinking Mode Fusion", "--"),
         3: ("stage 3: general (broader phrasings)", ":"),
         4: ("stage 4: agent (wider phrasings, tools)", "-."),
+        5: ("stage 5: polish (languages, declines, large tool results)", (0, (1, 4))),
     }
     for stage, (label, style) in labels.items():
         boundary = next((h["step"] for h in history if h["stage"] == stage), None)
