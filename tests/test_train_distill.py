@@ -3,6 +3,7 @@ on-policy phase pulls a student's own samples toward the teacher (the KL falls).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,30 @@ def test_on_policy_phase_makes_the_kl_fall(tmp_path: Path) -> None:
     after = distiller.kl_on_student_samples(fixed, seed=5)
     assert {h["phase"] for h in history} == {"on-policy"}
     assert before > 0.05 and after < 0.5 * before, (before, after)
+
+
+def test_prompts_after_the_tool_ask_for_the_reply_that_copies_its_result() -> None:
+    assert [p.messages for p in rollout.prompts(3, 1, 32, stage=5, after_tool=0.0)] == [
+        p.messages for p in rollout.prompts(3, 1, 32, stage=5)
+    ]  # at 0 the prompts are those of before (GRPO's)
+    items = rollout.prompts(3, 1, 64, stage=5, after_tool=1.0)
+    after = [p for p in items if p.messages[-1]["role"] == "tool"]
+    assert after and all(p.tools is not None for p in after)
+    for p in after:
+        assert p.messages[-2]["tool_calls"] and p.messages[-1]["content"] == p.problem.result
+        assert not p.expects_tool_call  # the reply answers with the result; it calls nothing
+    assert not any(p.tools and p.problem.expression and p.messages[-1]["role"] == "user" for p in items)
+
+
+def test_student_with_another_tokenizer_is_refused(tmp_path: Path) -> None:
+    """Same vocabulary size, two ids swapped: the KL would compare different tokens, so it is an error."""
+    folder = export_model(load_model(default_model_dir()), Tokenizer.from_pretrained(default_model_dir()),
+                          tmp_path / "swapped")  # fmt: skip
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = "Answer", "Question"
+    assert a in vocab and b in vocab
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="share a vocabulary"):
+        Distiller(DistillConfig(), str(default_model_dir()), tmp_path, student=folder, progress=False)

@@ -4,6 +4,7 @@ held-out phrasings stay out of training, answers pass the checker and are recogn
 from __future__ import annotations
 
 import random
+import re
 import string
 import unicodedata
 
@@ -25,6 +26,32 @@ def test_templates_cover_every_form_with_its_placeholders_and_disjoint_heldout(l
         for t in train + heldout:
             assert _fields(t) == set(languages.PLACEHOLDERS[form]), t
             assert unicodedata.is_normalized("NFC", t), t
+
+
+class _Blank(dict):
+    """Fills every placeholder with a space."""
+
+    def __missing__(self, key: str) -> str:
+        return " "
+
+
+def _wording(template: str, language: str) -> set[str]:
+    """A template's fixed wording: its words, or for Chinese and Japanese (no spaces) its character pairs."""
+    text = string.Formatter().vformat(template.lower(), (), _Blank())
+    if language in ("zh", "ja"):
+        runs = re.findall(r"[^\W\d_]+", text)
+        return {run[i : i + 2] for run in runs for i in range(max(1, len(run) - 1))}
+    return set(re.findall(r"[^\W\d_]+", text))
+
+
+@pytest.mark.parametrize("language", languages.LANGUAGES)
+def test_every_heldout_template_has_wording_training_never_uses(language: str) -> None:
+    """A held-out template that only reorders training words ("Ordne bitte {s} aufsteigend." beside
+    "Ordne {s} ..." and "... aufsteigend.") would measure memory, not understanding."""
+    for form, (train, heldout) in languages.TEMPLATES[language].items():
+        seen = set().union(*(_wording(t, language) for t in train))
+        for t in heldout:
+            assert _wording(t, language) - seen, (form, t)
 
 
 @pytest.mark.parametrize("language", ("en", *languages.LANGUAGES))

@@ -2,8 +2,10 @@
 for its small models (../shared/spec/qwen3_tech_report_excerpts.txt, section 4.5), in two phases:
 
 1. **Off-policy** (the first ``offpolicy_steps`` steps): the teacher answers the step's prompts
-   (thinking and non-thinking, the agent stage's mix of :func:`qwen3.train.rollout.prompts`), sampled
-   through its engine, and the student learns those replies by cross-entropy on the reply tokens.
+   (thinking and non-thinking, the mix of SFT stage ``prompt_stage`` from
+   :func:`qwen3.train.rollout.prompts`, with ``after_tool`` of the tool dialogs asked after the tool's
+   response so that copying its result is learned too), sampled through its engine, and the student
+   learns those replies by cross-entropy on the reply tokens.
 2. **On-policy** (the rest): the student answers the prompts itself, through its own engine (whose model
    is the student being trained, as in GRPO), and at every position of its replies is pulled toward the
    teacher's next-token distribution by the **reverse KL**, ``KL(student || teacher) = Σ_v p_s(v) (log
@@ -61,6 +63,13 @@ class DistillConfig:
     weight_decay: float = field(default=0.1, metadata={"help": "on matrices only"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm"})
     max_tokens: int = field(default=512, metadata={"help": "longest reply sampled"})
+    prompt_stage: int = field(
+        default=5, metadata={"help": "the SFT stage whose conversations are asked (4: agent; 5: polish)"}
+    )
+    after_tool: float = field(
+        default=0.5, metadata={"help": "share of tool dialogs asked after the tool's response (the reply "
+                               "that copies the result)"}
+    )  # fmt: skip
     micro_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per forward pass"})
     student_layers: int = field(default=3, metadata={"help": "fresh student: decoder layers"})
     student_hidden: int = field(default=192, metadata={"help": "fresh student: hidden size (heads of 64)"})
@@ -71,7 +80,9 @@ class DistillConfig:
                   ("offpolicy_steps", self.offpolicy_steps >= 0, "must be >= 0"),
                   ("prompts_per_step", self.prompts_per_step >= 1, "must be >= 1"),
                   ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
-                  ("lr", self.lr > 0, "must be > 0")]  # fmt: skip
+                  ("lr", self.lr > 0, "must be > 0"),
+                  ("prompt_stage", self.prompt_stage in (4, 5), "must be 4 or 5"),
+                  ("after_tool", 0 <= self.after_tool <= 1, "must be in [0, 1]")]  # fmt: skip
         rollout.check_config(self, checks)
 
     def learning_rate(self, step: int) -> float:
@@ -119,7 +130,11 @@ class Distiller(rollout.OnPolicyRun):
                 config.student(self.teacher.model.config), self.teacher.tokenizer, output / "student-init"
             )
         self.student = LLM(student, **engine)
-        if self.student.model.config.vocab_size != self.teacher.model.config.vocab_size:
+        theirs, ours = self.teacher.tokenizer, self.student.tokenizer
+        if self.student.model.config.vocab_size != self.teacher.model.config.vocab_size or any(
+            theirs.id_to_token(i) != ours.id_to_token(i)
+            for i in range(max(theirs.vocab_size, ours.vocab_size))
+        ):  # the KL compares the two distributions id by id
             raise ValueError("the student and the teacher must share a vocabulary (the teacher's tokenizer)")
         self.model = self.student.model
         self.tokenizer = self.teacher.tokenizer
@@ -131,7 +146,13 @@ class Distiller(rollout.OnPolicyRun):
     def train_step(self) -> dict[str, float]:
         config, step = self.config, self.step
         start = time.perf_counter()
-        prompts = rollout.prompts(config.seed, step, config.prompts_per_step)
+        prompts = rollout.prompts(
+            config.seed,
+            step,
+            config.prompts_per_step,
+            stage=config.prompt_stage,
+            after_tool=config.after_tool,
+        )
         seed = random.Random(f"distill:{config.seed}:{step}").getrandbits(63)
         phase = self.phase(step)
         writer = self.teacher if phase == "off-policy" else self.student

@@ -1205,7 +1205,7 @@ DE = {
         ),
         (
             "Ich brauche {s} von der kleinsten zur größten Zahl geordnet.",
-            "Ordne bitte {s} aufsteigend.",
+            "Mach aus {s} eine steigende Folge.",
             "Reihe {s} neu, mit der kleinsten Zahl zuerst.",
         ),
     ),
@@ -1231,7 +1231,7 @@ DE = {
         ),
         (
             "Ich brauche {s} von der größten zur kleinsten Zahl geordnet.",
-            "Ordne bitte {s} absteigend.",
+            "Mach aus {s} eine fallende Folge.",
             "Reihe {s} neu, mit der größten Zahl zuerst.",
         ),
     ),

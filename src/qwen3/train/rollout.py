@@ -71,22 +71,36 @@ class Prompt:
 
     @property
     def expects_tool_call(self) -> bool:
-        """Offered the calculator for an arithmetic problem: the reply should call it."""
-        return self.tools is not None and self.problem.expression is not None
+        """Offered the calculator for an arithmetic problem, and not yet answered by it: the reply should
+        call it."""
+        return (
+            self.tools is not None
+            and self.problem.expression is not None
+            and self.messages[-1]["role"] != "tool"
+        )
 
 
-def prompts(seed: int, step: int, n: int, mix: data.DataMix | None = None, stage: int = 4) -> list[Prompt]:
+def prompts(
+    seed: int, step: int, n: int, mix: data.DataMix | None = None, stage: int = 4, after_tool: float = 0.0
+) -> list[Prompt]:
     """``n`` prompts of step ``step``, a pure function of (seed, step): the conversations of SFT stage
     ``stage`` (4: the agent stage's wide phrasings, never the held-out ones; thinking and non-thinking,
     soft and hard switches, multi-turn, the calculator offered; 5: that and stage 5's other languages,
-    off-skill questions and large tool problems), cut after the last user message."""
+    off-skill questions and large tool problems), cut after the last user message.
+
+    A share ``after_tool`` of the tool dialogs is cut after the tool's response instead, so the reply is
+    the second turn, which reads the result and answers with it: a reply that only calls the tool never
+    practises copying its result (at 0, no random number is drawn, so the prompts are those of before)."""
     rng = random.Random(f"rl:{seed}:{step}")
     mix = mix or data.DataMix()
     out = []
     for _ in range(n):
         problem, messages, tools, enable_thinking = data.stage_dialog(rng, stage, mix)
-        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-        out.append(Prompt(problem, messages[: last_user + 1], tools, enable_thinking))
+        roles = [m["role"] for m in messages]
+        cut = max(i for i, role in enumerate(roles) if role == "user")
+        if after_tool > 0 and "tool" in roles[cut:] and rng.random() < after_tool:
+            cut = max(i for i, role in enumerate(roles) if role == "tool")
+        out.append(Prompt(problem, messages[: cut + 1], tools, enable_thinking))
     return out
 
 
