@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from qwen3.checkpoint import load_model
-from qwen3.llm import default_model_dir
+from qwen3.engine.llm_engine import STOP_THINKING_TEXT
+from qwen3.llm import LLM, default_model_dir
 from qwen3.tokenizer import Tokenizer
 from qwen3.train import rollout
 from qwen3.train.distill import DistillConfig, Distiller, reverse_kl
@@ -94,3 +95,34 @@ def test_student_with_another_tokenizer_is_refused(tmp_path: Path) -> None:
     (folder / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="share a vocabulary"):
         Distiller(DistillConfig(), str(default_model_dir()), tmp_path, student=folder, progress=False)
+
+
+def test_budget_cut_prompts_get_a_thinking_budget_and_nothing_else_changes() -> None:
+    plain = rollout.prompts(4, 2, 64, stage=5, after_tool=0.5)
+    assert [p.messages for p in rollout.prompts(4, 2, 64, stage=5, after_tool=0.5, budget_cut=0.0)] == [
+        p.messages for p in plain
+    ]
+    assert all(p.thinking_budget is None for p in plain)
+    items = rollout.prompts(4, 2, 64, stage=5, after_tool=0.5, budget_cut=1.0)
+    cut = [p for p in items if p.thinking_budget is not None]
+    assert cut and all(p.thinking and p.tools is None and p.thinking_budget >= 1 for p in cut)
+    assert all(p.tools is not None or not p.thinking for p in items if p.thinking_budget is None)
+
+
+def test_a_cut_reply_learns_the_answer_but_not_the_engines_stop_thinking_text() -> None:
+    llm = LLM(default_model_dir(), kv_cache_memory="64MiB", progress=False)
+    items = [p for p in rollout.prompts(5, 0, 16, stage=4, budget_cut=1.0) if p.thinking_budget][:4]
+    for p in items:
+        p.thinking_budget = 6
+    replies = [g[0] for g in rollout.generate(llm, items, rollout.sampling(256, seed=1))]
+    stop_ids = llm.tokenizer.encode(STOP_THINKING_TEXT)
+    think = llm.tokenizer.token_to_id("<think>")
+    assert len(replies) == 4
+    for r in replies:
+        assert r.inserted is not None and sum(r.inserted) == len(stop_ids)
+        first = r.inserted.index(True)  # <think>, then 6 thinking tokens, then the engine's cut
+        assert r.ids[0] == think and first == 7 and r.ids[first : first + len(stop_ids)] == stop_ids
+        targets = r.sample.targets[len(r.prompt_ids) :]
+        assert targets == [not i for i in r.inserted]
+        assert any(targets[first + len(stop_ids) :])  # the answer after the cut is learned
+        assert r.parsed.content

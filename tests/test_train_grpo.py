@@ -111,6 +111,19 @@ def test_judge_wants_the_questions_language_and_an_honest_refusal() -> None:
     assert judge(_rollout(ask, think + "Die Antwort ist 42.")) == (False, True)
 
 
+def test_judge_after_the_tools_response_wants_its_result_copied() -> None:
+    config = GRPOConfig(after_tool=1.0, prompt_stage=5)
+    prompts = rollout.prompts(2, 0, 64, stage=config.prompt_stage, after_tool=config.after_tool)
+    after = next(p for p in prompts if p.messages[-1]["role"] == "tool" and len(p.problem.result) >= 7)
+    think = "<think>\nThe calculator says so.\n</think>\n\n"
+    right = after.problem.answer
+    assert after.problem.result in right and judge(_rollout(after, think + right)) == (True, True)
+    dropped = right.replace(after.problem.result, after.problem.result[:-1])  # one digit lost in the copy
+    assert judge(_rollout(after, think + dropped)) == (False, True)
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "1 + 1"}}\n</tool_call>'
+    assert judge(_rollout(after, think + call)) == (False, True)  # called again instead of answering
+
+
 def test_stage5_prompts_mix_languages_refusals_and_large_tool_problems() -> None:
     items = [p for step in range(4) for p in rollout.prompts(0, step, 64, stage=5)]
     assert {p.problem.language for p in items} == {"en", *languages.LANGUAGES}

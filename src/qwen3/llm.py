@@ -372,7 +372,9 @@ class LLM:
             self._require_tokenizer("a text prompt").encode(p) if isinstance(p, str) else list(p)
             for p in batch
         ]
-        return self._run([ChatRequest(i, p, None, False) for i, p in zip(ids, params, strict=True)], use_tqdm)
+        return self.run_requests(
+            [ChatRequest(i, p, None, False) for i, p in zip(ids, params, strict=True)], use_tqdm
+        )
 
     def chat(
         self,
@@ -411,7 +413,7 @@ class LLM:
             self.prepare_chat(c, p, enable_thinking, thinking_budget, **options)
             for c, p in zip(convs, params, strict=True)
         ]
-        results = self._run(requests, use_tqdm)
+        results = self.run_requests(requests, use_tqdm)
         outputs = [self._chat_output(res, req) for res, req in zip(results, requests, strict=True)]
         return outputs[0] if single else outputs
 
@@ -493,12 +495,15 @@ class LLM:
             finish = "tool_calls"
         return ChatOutput(reasoning, content, tool_calls, result.token_ids, finish, result.usage, result.text)
 
-    def _run(self, jobs: list[ChatRequest], use_tqdm: bool) -> list[RequestOutput]:
-        """Submit every job (``n`` sequences each), step the engine until all finish, collect in order."""
+    def run_requests(self, jobs: Sequence[ChatRequest], use_tqdm: bool = False) -> list[RequestOutput]:
+        """Submit every job (``n`` sequences each), step the engine until all finish, collect in order.
+
+        The raw outputs (token ids, logprobs) of requests made by :meth:`prepare_chat`, with their thinking
+        budgets: what training rollouts need, where :meth:`chat` returns parsed replies."""
         with self.lock:
             if self.engine.has_unfinished():
                 raise RuntimeError("the engine is serving streaming requests; submit through AsyncLLM.stream")
-            return self._run_locked(jobs, use_tqdm)
+            return self._run_locked(list(jobs), use_tqdm)
 
     def _run_locked(self, jobs: list[ChatRequest], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine

@@ -397,6 +397,12 @@ def stage_dialog(
     return problem, *stage_conversation(rng, problem, stage, mix)
 
 
+def cut_budget(rng: random.Random) -> int:
+    """A random thinking budget for a cut reply: 1 + an exponential number of tokens, mean 40, so most
+    cuts land early (where a reply is hardest to finish) and a few late."""
+    return int(rng.expovariate(1 / 40)) + 1
+
+
 def stage_samples(builder: SampleBuilder, rng: random.Random, stage: int, mix: DataMix) -> list[Sample]:
     """The samples made from one problem in ``stage`` (1: cold start, 2: fusion, 3: general, 4: agent,
     5: polish)."""
@@ -411,7 +417,7 @@ def stage_samples(builder: SampleBuilder, rng: random.Random, stage: int, mix: D
         and rng.random() < (mix.agent_budget_cut if stage >= 4 else mix.budget_cut)
     ):
         length = len(builder.tokenizer.encode("\n" + final["reasoning_content"]))
-        budget = min(int(rng.expovariate(1 / 40)) + 1, length - 1)
+        budget = min(cut_budget(rng), length - 1)
         return [builder.budget_cut(messages, tools, budget)]
     return builder.conversation(messages, tools, enable_thinking)
 

@@ -4,8 +4,10 @@ for its small models (../shared/spec/qwen3_tech_report_excerpts.txt, section 4.5
 1. **Off-policy** (the first ``offpolicy_steps`` steps): the teacher answers the step's prompts
    (thinking and non-thinking, the mix of SFT stage ``prompt_stage`` from
    :func:`qwen3.train.rollout.prompts`, with ``after_tool`` of the tool dialogs asked after the tool's
-   response so that copying its result is learned too), sampled through its engine, and the student
-   learns those replies by cross-entropy on the reply tokens.
+   response so that copying its result is learned too, and ``budget_cut`` of the thinking prompts given
+   a random thinking budget, so that the answer after the engine's cut is learned too), sampled through
+   its engine, and the student learns those replies by cross-entropy on the reply tokens (not on the
+   stop-thinking text the engine inserts).
 2. **On-policy** (the rest): the student answers the prompts itself, through its own engine (whose model
    is the student being trained, as in GRPO), and at every position of its replies is pulled toward the
    teacher's next-token distribution by the **reverse KL**, ``KL(student || teacher) = Σ_v p_s(v) (log
@@ -70,6 +72,10 @@ class DistillConfig:
         default=0.5, metadata={"help": "share of tool dialogs asked after the tool's response (the reply "
                                "that copies the result)"}
     )  # fmt: skip
+    budget_cut: float = field(
+        default=0.3, metadata={"help": "share of thinking prompts (no tools) given a random thinking budget, "
+                               "so the answer after the engine's cut is learned (SFT stage 4's share)"}
+    )  # fmt: skip
     micro_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per forward pass"})
     student_layers: int = field(default=3, metadata={"help": "fresh student: decoder layers"})
     student_hidden: int = field(default=192, metadata={"help": "fresh student: hidden size (heads of 64)"})
@@ -82,7 +88,8 @@ class DistillConfig:
                   ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
                   ("lr", self.lr > 0, "must be > 0"),
                   ("prompt_stage", self.prompt_stage in (4, 5), "must be 4 or 5"),
-                  ("after_tool", 0 <= self.after_tool <= 1, "must be in [0, 1]")]  # fmt: skip
+                  ("after_tool", 0 <= self.after_tool <= 1, "must be in [0, 1]"),
+                  ("budget_cut", 0 <= self.budget_cut <= 1, "must be in [0, 1]")]  # fmt: skip
         rollout.check_config(self, checks)
 
     def learning_rate(self, step: int) -> float:
@@ -152,13 +159,14 @@ class Distiller(rollout.OnPolicyRun):
             config.prompts_per_step,
             stage=config.prompt_stage,
             after_tool=config.after_tool,
+            budget_cut=config.budget_cut,
         )
         seed = random.Random(f"distill:{config.seed}:{step}").getrandbits(63)
         phase = self.phase(step)
         writer = self.teacher if phase == "off-policy" else self.student
         replies = [g[0] for g in rollout.generate(writer, prompts, rollout.sampling(config.max_tokens, seed))]
         samples = [r.sample for r in replies]
-        targets = sum(len(r.ids) for r in replies)
+        targets = sum(sum(s.targets) for s in samples)  # the learned tokens: replies less inserted text
         lr = config.learning_rate(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -6,8 +6,9 @@ GRPO (Shao et al., 2024), as the report uses it, at the tiny model's scale. Each
    thinking and non-thinking, soft and hard switches, multi-turn, the calculator offered), so both modes
    and tool calls keep being exercised; with ``prompt_stage`` 5, the polish stage's, which adds questions in
    other languages (answers count only in the question's language), off-skill questions (the honest
-   refusal counts) and large tool problems;
-2. ``group_size`` replies to each through qwen3's engine (``LLM.generate`` with ``n``, seeded by (seed,
+   refusal counts) and large tool problems; ``after_tool`` of the tool dialogs are asked after the tool's
+   response, where the reward is for an answer that copies its result;
+2. ``group_size`` replies to each through qwen3's engine (``LLM.run_requests`` with ``n``, seeded by (seed,
    step), all prompts in one batch), sampled from the policy itself: the engine's model is the model
    being trained (see :mod:`qwen3.train.rollout`);
 3. rewards from the tasks' checkers (:func:`judge`): the exact answer, or for a prompt that offers the
@@ -75,6 +76,10 @@ class GRPOConfig:
     agent_tools: float = field(
         default=0.25, metadata={"help": "share of prompts offered the calculator beyond the usual mix"}
     )
+    after_tool: float = field(
+        default=0.0, metadata={"help": "share of tool dialogs asked after the tool's response (rewarded when "
+                               "the answer holds the result)"}
+    )  # fmt: skip
     micro_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per forward pass"})
 
     def __post_init__(self) -> None:
@@ -86,7 +91,8 @@ class GRPOConfig:
                   ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
                   ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
                   ("lr", self.lr > 0, "must be > 0"),
-                  ("prompt_stage", self.prompt_stage in (4, 5), "must be 4 or 5")]  # fmt: skip
+                  ("prompt_stage", self.prompt_stage in (4, 5), "must be 4 or 5"),
+                  ("after_tool", 0 <= self.after_tool <= 1, "must be in [0, 1]")]  # fmt: skip
         rollout.check_config(self, checks)
 
     def learning_rate(self, step: int) -> float:
@@ -166,7 +172,7 @@ class GRPO(rollout.OnPolicyRun):
             prompts = self.prompt_source(step)
         else:
             prompts = rollout.prompts(
-                config.seed, step, config.prompts_per_step, self.mix, config.prompt_stage
+                config.seed, step, config.prompts_per_step, self.mix, config.prompt_stage, config.after_tool
             )
         seed = random.Random(f"grpo:{config.seed}:{step}").getrandbits(63)
         groups = rollout.generate(

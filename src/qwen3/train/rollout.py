@@ -63,6 +63,7 @@ class Prompt:
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None
     enable_thinking: bool
+    thinking_budget: int | None = None  # the engine cuts the thinking after this many tokens
 
     @property
     def thinking(self) -> bool:
@@ -81,7 +82,13 @@ class Prompt:
 
 
 def prompts(
-    seed: int, step: int, n: int, mix: data.DataMix | None = None, stage: int = 4, after_tool: float = 0.0
+    seed: int,
+    step: int,
+    n: int,
+    mix: data.DataMix | None = None,
+    stage: int = 4,
+    after_tool: float = 0.0,
+    budget_cut: float = 0.0,
 ) -> list[Prompt]:
     """``n`` prompts of step ``step``, a pure function of (seed, step): the conversations of SFT stage
     ``stage`` (4: the agent stage's wide phrasings, never the held-out ones; thinking and non-thinking,
@@ -90,7 +97,10 @@ def prompts(
 
     A share ``after_tool`` of the tool dialogs is cut after the tool's response instead, so the reply is
     the second turn, which reads the result and answers with it: a reply that only calls the tool never
-    practises copying its result (at 0, no random number is drawn, so the prompts are those of before)."""
+    practises copying its result. A share ``budget_cut`` of the thinking prompts without tools gets a
+    thinking budget (:func:`qwen3.train.data.cut_budget`, as SFT cuts its replies), so the reply is cut by
+    the engine's stop-thinking text and the answer after a cut is learned too. (At 0, neither draws a
+    random number, so the prompts are those of before.)"""
     rng = random.Random(f"rl:{seed}:{step}")
     mix = mix or data.DataMix()
     out = []
@@ -100,13 +110,17 @@ def prompts(
         cut = max(i for i, role in enumerate(roles) if role == "user")
         if after_tool > 0 and "tool" in roles[cut:] and rng.random() < after_tool:
             cut = max(i for i, role in enumerate(roles) if role == "tool")
-        out.append(Prompt(problem, messages[: cut + 1], tools, enable_thinking))
+        prompt = Prompt(problem, messages[: cut + 1], tools, enable_thinking)
+        if budget_cut > 0 and prompt.thinking and tools is None and rng.random() < budget_cut:
+            prompt.thinking_budget = data.cut_budget(rng)
+        out.append(prompt)
     return out
 
 
 @dataclass
 class Rollout:
-    """One sampled reply: prompt and reply ids, the engine's logprob of each reply token, the parse."""
+    """One sampled reply: prompt and reply ids, the engine's logprob of each reply token (0 for the tokens
+    it inserted after a thinking budget, which are not learned), the parse."""
 
     prompt: Prompt
     prompt_ids: list[int]
@@ -116,13 +130,13 @@ class Rollout:
     parsed: ParsedOutput
     reward: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
+    inserted: list[bool] | None = None  # per reply token: the engine's own (a budget's stop-thinking text)
 
     @property
     def sample(self) -> data.Sample:
-        """Prompt + reply as a training sample whose targets are the reply's tokens."""
-        return data.Sample(
-            self.prompt_ids + self.ids, [False] * len(self.prompt_ids) + [True] * len(self.ids)
-        )
+        """Prompt + reply as a training sample whose targets are the reply's tokens, less those inserted."""
+        learned = [not i for i in self.inserted] if self.inserted else [True] * len(self.ids)
+        return data.Sample(self.prompt_ids + self.ids, [False] * len(self.prompt_ids) + learned)
 
 
 def sampling(max_tokens: int, seed: int, n: int = 1) -> SamplingParams:
@@ -132,26 +146,35 @@ def sampling(max_tokens: int, seed: int, n: int = 1) -> SamplingParams:
 
 
 def generate(llm: LLM, items: Sequence[Prompt], params: SamplingParams) -> list[list[Rollout]]:
-    """``params.n`` replies to each prompt, through ``LLM.generate`` in one batch: a list per prompt."""
+    """``params.n`` replies to each prompt, through ``LLM.run_requests`` in one batch: a list per prompt.
+
+    Only a prompt with a thinking budget may get tokens the engine inserted (no logprob): GRPO's
+    importance ratios need every reply token to be the policy's own."""
     requests = [
-        llm.prepare_chat(p.messages, params, p.enable_thinking, tools=p.tools, plain_text_messages=True)
+        llm.prepare_chat(
+            p.messages, params, p.enable_thinking, p.thinking_budget, tools=p.tools, plain_text_messages=True
+        )
         for p in items
     ]
-    outputs = llm.generate([r.prompt_token_ids for r in requests], params)
+    outputs = llm.run_requests(requests)
     groups = []
     for prompt, request, output in zip(items, requests, outputs, strict=True):
         group = []
         for c in output.outputs:
-            if c.logprobs is None or any(lp is None for lp in c.logprobs):
+            if c.logprobs is None:
+                raise RuntimeError("rollouts need the engine's logprobs (SamplingParams.logprobs=0)")
+            inserted = [lp is None for lp in c.logprobs]
+            if any(inserted) and prompt.thinking_budget is None:
                 raise RuntimeError("a rollout's reply holds tokens the engine inserted (no logprob)")
             group.append(
                 Rollout(
                     prompt,
                     request.prompt_token_ids,
                     list(c.token_ids),
-                    [lp for lp, _ in c.logprobs],
+                    [0.0 if lp is None else lp[0] for lp in c.logprobs],
                     c.finish_reason,
                     parse_output(c.text, request.reasoning_started),
+                    inserted=inserted if any(inserted) else None,
                 )  # fmt: skip
             )
         groups.append(group)
