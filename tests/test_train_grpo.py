@@ -141,9 +141,9 @@ def test_group_advantages_are_relative_and_flat_groups_zero() -> None:
 
 
 def test_grpo_raises_the_reward_on_a_toy_task() -> None:
-    """Eight fixed non-thinking additions (the shipped model gets about a quarter right without thinking):
-    a few GRPO steps on them raise the mean reward of the replies sampled, and every first mini-batch
-    was exactly on-policy."""
+    """Eight fixed non-thinking additions (the shipped model gets about half right without thinking, so
+    the reward, at most 1.2, has room to rise): a few GRPO steps on them raise the mean reward of the
+    replies sampled, and every first mini-batch was exactly on-policy."""
     rng = random.Random(7)
     problems = [tasks.generate(rng, "add") for _ in range(8)]
     fixed = [rollout.Prompt(p, [{"role": "user", "content": p.question}], None, False) for p in problems]
@@ -151,7 +151,7 @@ def test_grpo_raises_the_reward_on_a_toy_task() -> None:
                         updates_per_step=1)  # fmt: skip
     history = GRPO(config, None, progress=False, prompt_source=lambda step: fixed).train()
     rewards = [h["reward"] for h in history]
-    assert rewards[0] < 0.6, rewards
+    assert rewards[0] < 0.8, rewards  # room left to rise by more than 0.25
     assert min(rewards[-2:]) > rewards[0] + 0.25, rewards
     assert all(h["onpolicy_error"] == 0.0 for h in history), history
 

@@ -53,7 +53,7 @@ TARGETS = {
     "heldout_phrasing_accuracy": 0.78,
     "tool_use_large_operands": 0.93,
     "declines_off_skill": 0.93,
-    **{f"language_{lang}": 0.3 for lang in languages.LANGUAGES},
+    **{f"language_{lang}": 0.4 for lang in languages.LANGUAGES},
 }
 MAX_TOKENS = 768
 FLAG_PROBE_TOKENS = 8  # enough to see whether the think block opens empty: <think> \n\n </think>
