@@ -223,3 +223,20 @@ def test_stage_five_adds_languages_declines_and_large_tool_results(builder, toke
         replies
     )
     assert data.batch_samples(builder, 0, 5, 5, 3000, mix)[0].ids == samples[0].ids
+
+
+def test_stage_six_asks_stage_five_in_composed_phrasings_and_more_languages(builder, tokenizer) -> None:
+    mix = data.DataMix()
+
+    def asked(stage: int) -> tuple[set[str], float]:
+        """The words of 1,500 dialogs' questions, and the share of the problems not in English."""
+        rng = random.Random(7)
+        problems = [p for p, *_ in (data.stage_dialog(rng, stage, mix) for _ in range(1500)) if p.form]
+        words = {w for p in problems for w in re.findall(r"[^\W\d_]+", p.question.lower())}
+        return words, sum(p.language != "en" for p in problems) / len(problems)
+
+    (words5, foreign5), (words6, foreign6) = asked(5), asked(6)
+    assert foreign6 > foreign5 + 0.08  # more of the problems in other languages
+    assert len(words6) > 1.5 * len(words5)  # in far more varied wording
+    samples = data.batch_samples(builder, 0, 5, 6, 3000, mix)
+    assert samples and samples[0].ids == data.batch_samples(builder, 0, 5, 6, 3000, mix)[0].ids

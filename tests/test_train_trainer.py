@@ -38,10 +38,12 @@ def _config(**overrides) -> TrainConfig:
 
 
 def test_loss_falls_in_every_stage(tmp_path: Path) -> None:
-    config = _config(steps=48, stage1_steps=20, stage3_from=40, stage4_from=44)
+    config = _config(
+        steps=56, stage1_steps=20, stage3_from=40, stage4_from=44, stage5_from=48, stage6_from=52
+    )
     history = Trainer(config, tmp_path, progress=False).train(save_every=0)
     losses = [h["loss"] for h in history]
-    assert [h["stage"] for h in history] == [1] * 20 + [2] * 20 + [3] * 4 + [4] * 4
+    assert [h["stage"] for h in history] == [1] * 20 + [2] * 20 + [3] * 4 + [4] * 4 + [5] * 4 + [6] * 4
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:3]) / 3, losses  # stage 1 learns the procedures
     assert min(losses[20:]) < losses[20], losses  # and stage 2 keeps improving on the chat format
 

@@ -1,6 +1,6 @@
 """Training data for the tiny Qwen3: its tokenizer, the samples of each stage, and micro-batches.
 
-Five stages, after the Qwen3 report (../shared/spec/hybrid_thinking.md (i)), scaled down:
+Six stages, after the Qwen3 report (../shared/spec/hybrid_thinking.md (i)), scaled down:
 
 1. **Cold start** — plain documents of worked solutions (question, step-by-step solution, answer),
    loss on every token: the model learns the procedures before it learns the chat format.
@@ -22,6 +22,11 @@ Five stages, after the Qwen3 report (../shared/spec/hybrid_thinking.md (i)), sca
    (:mod:`qwen3.train.languages`; the thinking stays English), plus tool dialogs with large operands
    whose call and result must be copied exactly, and questions outside the skills answered with an
    honest refusal in the question's language.
+6. **Breadth** — stage 5's mix with questions from hundreds of templates per form and language, composed
+   from stems and endings (:mod:`qwen3.train.composed`, ``phrasing="rich"``), none of them using the
+   held-out templates' own words, and more of the problems in other languages: it teaches the model to
+   find the operation and the numbers in a sentence it has not seen, rather than to recognise a
+   template.
 
 Every sample is a pure function of a :class:`random.Random`, and a step's batch is a pure function of
 (seed, step): resuming, or splitting a batch over data-parallel ranks, sees the same data.
@@ -344,7 +349,7 @@ class SampleBuilder:
 
 @dataclass
 class DataMix:
-    """How stages 2-4 are drawn, beyond the shares fixed in :func:`fusion_conversation`."""
+    """How stages 2-6 are drawn, beyond the shares fixed in :func:`fusion_conversation`."""
 
     budget_cut: float = 0.12  # of thinking replies in stages 2 and 3, cut at a random budget
     agent_budget_cut: float = 0.3  # the same in stage 4, where the answer after a cut is practised more
@@ -353,6 +358,7 @@ class DataMix:
     tool_problems: float = 0.12  # of stage-5 samples, a tool dialog with large operands and results
     off_skill: float = 0.12  # of stage-5 samples, a question outside the skills, declined honestly
     other_languages: float = 0.3  # of stage-5 problems (and a third of the off-skill ones), not in English
+    rich_other_languages: float = 0.45  # the same share in stage 6
 
 
 STAGE_PHRASINGS = {
@@ -361,14 +367,15 @@ STAGE_PHRASINGS = {
     3: "broad",
     4: "wide",
     5: "wide",
+    6: "rich",
 }  # the templates each stage asks in
 
 
 def stage_conversation(
     rng: random.Random, problem: tasks.Problem, stage: int, mix: DataMix
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, bool]:
-    """A conversation of ``stage`` (2-5) around ``problem``: (messages, tools, enable_thinking), as
-    :func:`fusion_conversation`, with stage 4's (and 5's) extra tool dialogs."""
+    """A conversation of ``stage`` (2-6) around ``problem``: (messages, tools, enable_thinking), as
+    :func:`fusion_conversation`, with the extra tool dialogs of stage 4 and later."""
     if stage >= 4 and rng.random() < mix.agent_tools:
         dialog = _tool_dialog if problem.expression is not None else _tool_offered_unused
         return dialog(rng, problem)
@@ -378,20 +385,23 @@ def stage_conversation(
 def stage_dialog(
     rng: random.Random, stage: int, mix: DataMix
 ) -> tuple[tasks.Problem, list[dict[str, Any]], list[dict[str, Any]] | None, bool]:
-    """A problem of ``stage`` (2-5) and its conversation: (problem, messages, tools, enable_thinking).
+    """A problem of ``stage`` (2-6) and its conversation: (problem, messages, tools, enable_thinking).
     Stage 5 draws large-operand tool dialogs, off-skill questions (a third not in English) and problems
-    in other languages on top of stage 4's mix. The SFT samples and the RL prompts both come from here."""
-    if stage == 5:
+    in other languages on top of stage 4's mix; stage 6 the same in its richer phrasings, with more of
+    the problems in other languages. The SFT samples and the RL prompts both come from here."""
+    if stage >= 5:
+        phrasing = STAGE_PHRASINGS[stage]
         roll = rng.random()
         if roll < mix.tool_problems:
-            problem = tasks.tool_problem(rng, STAGE_PHRASINGS[5])
+            problem = tasks.tool_problem(rng, phrasing)
             return problem, *_tool_dialog(rng, problem)
         if roll < mix.tool_problems + mix.off_skill:
             language = rng.choice(languages.LANGUAGES) if rng.random() < 1 / 3 else "en"
             problem = tasks.off_skill(rng, "train", language)
         else:
-            language = rng.choice(languages.LANGUAGES) if rng.random() < mix.other_languages else "en"
-            problem = tasks.generate(rng, phrasing=STAGE_PHRASINGS[5], language=language)
+            share = mix.other_languages if stage == 5 else mix.rich_other_languages
+            language = rng.choice(languages.LANGUAGES) if rng.random() < share else "en"
+            problem = tasks.generate(rng, phrasing=phrasing, language=language)
     else:
         problem = tasks.generate(rng, phrasing=STAGE_PHRASINGS[stage])
     return problem, *stage_conversation(rng, problem, stage, mix)
@@ -405,7 +415,7 @@ def cut_budget(rng: random.Random) -> int:
 
 def stage_samples(builder: SampleBuilder, rng: random.Random, stage: int, mix: DataMix) -> list[Sample]:
     """The samples made from one problem in ``stage`` (1: cold start, 2: fusion, 3: general, 4: agent,
-    5: polish)."""
+    5: polish, 6: breadth)."""
     if stage == 1:
         return [builder.cold_start(tasks.generate(rng, phrasing=STAGE_PHRASINGS[1]))]
     _, messages, tools, enable_thinking = stage_dialog(rng, stage, mix)

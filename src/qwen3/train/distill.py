@@ -66,7 +66,8 @@ class DistillConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm"})
     max_tokens: int = field(default=512, metadata={"help": "longest reply sampled"})
     prompt_stage: int = field(
-        default=5, metadata={"help": "the SFT stage whose conversations are asked (4: agent; 5: polish)"}
+        default=5,
+        metadata={"help": "the SFT stage whose conversations are asked (4: agent; 5: polish; 6: breadth)"},
     )
     after_tool: float = field(
         default=0.5, metadata={"help": "share of tool dialogs asked after the tool's response (the reply "
@@ -87,7 +88,7 @@ class DistillConfig:
                   ("prompts_per_step", self.prompts_per_step >= 1, "must be >= 1"),
                   ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
                   ("lr", self.lr > 0, "must be > 0"),
-                  ("prompt_stage", self.prompt_stage in (4, 5), "must be 4 or 5"),
+                  ("prompt_stage", self.prompt_stage in (4, 5, 6), "must be 4, 5 or 6"),
                   ("after_tool", 0 <= self.after_tool <= 1, "must be in [0, 1]"),
                   ("budget_cut", 0 <= self.budget_cut <= 1, "must be in [0, 1]")]  # fmt: skip
         rollout.check_config(self, checks)

@@ -71,7 +71,8 @@ class GRPOConfig:
     max_tokens: int = field(default=512, metadata={"help": "longest reply sampled (longer: no answer)"})
     prompt_stage: int = field(
         default=4, metadata={"help": "the SFT stage whose conversations are asked (4: agent; 5: polish, with "
-                             "other languages, off-skill questions and large tool problems)"}
+                             "other languages, off-skill questions and large tool problems; 6: breadth, "
+                             "stage 5 in composed phrasings)"}
     )  # fmt: skip
     agent_tools: float = field(
         default=0.25, metadata={"help": "share of prompts offered the calculator beyond the usual mix"}
@@ -91,7 +92,7 @@ class GRPOConfig:
                   ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
                   ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
                   ("lr", self.lr > 0, "must be > 0"),
-                  ("prompt_stage", self.prompt_stage in (4, 5), "must be 4 or 5"),
+                  ("prompt_stage", self.prompt_stage in (4, 5, 6), "must be 4, 5 or 6"),
                   ("after_tool", 0 <= self.after_tool <= 1, "must be in [0, 1]")]  # fmt: skip
         rollout.check_config(self, checks)
 

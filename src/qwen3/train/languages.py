@@ -16,6 +16,8 @@ import random
 import re
 import unicodedata
 
+from qwen3.train import composed
+
 LANGUAGES = ("zh", "ja", "es", "fr", "de")  # besides English
 FORMS = ("add", "sub", "mul", "expr", "count", "larger", "smaller", "sort_up", "sort_down")
 PLACEHOLDERS = {  # the values each form's templates are filled with
@@ -1542,10 +1544,19 @@ _DECLINE_MARKERS = (
 )
 
 
-def phrase(rng: random.Random, language: str, form: str, heldout: bool = False, **values: object) -> str:
-    """A question of ``form`` in ``language``: a training (or held-out) template filled with ``values``,
-    with an optional opening and sometimes without its final punctuation, as users type."""
-    text = rng.choice(TEMPLATES[language][form][1 if heldout else 0]).format(**values)
+def phrase(rng: random.Random, language: str, form: str, phrasing: str = "train", **values: object) -> str:
+    """A question of ``form`` in ``language`` filled with ``values``: from the held-out templates when
+    ``phrasing`` is "heldout", the training ones and the composed ones (:mod:`qwen3.train.composed`) when
+    it is "rich", the training ones otherwise; with an optional opening and sometimes without its final
+    punctuation, as users type."""
+    train, heldout = TEMPLATES[language][form]
+    if phrasing == "heldout":
+        templates = heldout
+    elif phrasing == "rich":
+        templates = train + composed.templates(language, form)
+    else:
+        templates = train
+    text = rng.choice(templates).format(**values)
     text = rng.choice(_OPENINGS[language]) + text
     if rng.random() < 0.1:
         text = text.rstrip("?.!？。！ ")

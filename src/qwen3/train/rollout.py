@@ -93,7 +93,8 @@ def prompts(
     """``n`` prompts of step ``step``, a pure function of (seed, step): the conversations of SFT stage
     ``stage`` (4: the agent stage's wide phrasings, never the held-out ones; thinking and non-thinking,
     soft and hard switches, multi-turn, the calculator offered; 5: that and stage 5's other languages,
-    off-skill questions and large tool problems), cut after the last user message.
+    off-skill questions and large tool problems; 6: stage 5's in the composed phrasings), cut after the
+    last user message.
 
     A share ``after_tool`` of the tool dialogs is cut after the tool's response instead, so the reply is
     the second turn, which reads the result and answers with it: a reply that only calls the tool never

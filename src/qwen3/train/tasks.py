@@ -11,8 +11,9 @@ evaluation (``phrasing="heldout"``), so the evaluation measures whether the mode
 it never saw word for word, and a broader set (``phrasing="broad"``: the training templates, more of
 them, more openings and closings) for the third training stage, which teaches the model to look past
 the wording, and a wider one still (``phrasing="wide"``: everyday word problems, more synonyms) for the
-fourth. Generators are pure functions of a :class:`random.Random`, so a seed fixes
-a data set.
+fourth, and the richest (``phrasing="rich"``: hundreds of templates per form composed from stems and
+endings, :mod:`qwen3.train.composed`) for the sixth. Generators are pure functions of a
+:class:`random.Random`, so a seed fixes a data set.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from qwen3.train import languages
+from qwen3.train import composed, languages
 
 TASKS = ("add", "sub", "mul", "expr", "count", "compare", "sort")
 
@@ -82,18 +83,19 @@ _BROAD_SUFFIXES = (
     " Answer please.",
 )
 _WIDE_PREFIXES = ("Can you tell me: ", "Please help: ", "Math time! ", "Next: ", "Here is one: ")
-PHRASINGS = ("train", "heldout", "broad", "wide")
+PHRASINGS = ("train", "heldout", "broad", "wide", "rich")
 _OPENINGS = {  # the prefixes each phrasing draws from
     "train": _PREFIXES,
     "heldout": _PREFIXES,
     "broad": _PREFIXES + _BROAD_PREFIXES,
     "wide": _PREFIXES + _BROAD_PREFIXES + _WIDE_PREFIXES,
+    "rich": _PREFIXES + _BROAD_PREFIXES + _WIDE_PREFIXES,
 }
 
 
 def _phrase(rng: random.Random, templates: tuple[str, ...], phrasing: str, **values: object) -> str:
     """A template filled in, with an optional polite prefix and light variation in case and ending;
-    ``broad`` and ``wide`` phrasings add more openings and a closing remark."""
+    ``broad``, ``wide`` and ``rich`` phrasings add more openings and a closing remark."""
     text = rng.choice(templates).format(**values)
     prefix = rng.choice(_OPENINGS.get(phrasing, _PREFIXES))
     if prefix and prefix.endswith(" ") and not prefix.endswith((": ", "? ", "! ", ". ")):
@@ -104,18 +106,20 @@ def _phrase(rng: random.Random, templates: tuple[str, ...], phrasing: str, **val
         text = text.rstrip("?.!")
     elif roll < 0.15:
         text = text.lower()
-    if phrasing in ("broad", "wide"):
+    if phrasing in ("broad", "wide", "rich"):
         text += rng.choice(_BROAD_SUFFIXES)
     return text
 
 
 def _templates(
+    form: str,
     train: tuple[str, ...],
     heldout: tuple[str, ...],
     broad: tuple[str, ...],
     wide: tuple[str, ...],
     phrasing: str,
 ) -> tuple[str, ...]:
+    """The templates ``phrasing`` draws questions of ``form`` from: each wider phrasing adds to the last."""
     if phrasing == "train":
         return train
     if phrasing == "heldout":
@@ -124,6 +128,8 @@ def _templates(
         return train + broad
     if phrasing == "wide":
         return train + broad + wide
+    if phrasing == "rich":
+        return train + broad + wide + composed.templates("en", form)
     raise ValueError(f"phrasing must be one of {PHRASINGS}, not {phrasing!r}")
 
 
@@ -218,7 +224,7 @@ def addition(rng: random.Random, phrasing: str = "train") -> Problem:
     expr = f"{a} + {b}"
     thinking = "\n".join([f"{expr}", *addition_steps(a, b), f"So {expr} = {a + b}."])
     question = _phrase(
-        rng, _templates(ADD_TRAIN, ADD_HELDOUT, ADD_BROAD, ADD_WIDE, phrasing), phrasing, a=a, b=b
+        rng, _templates("add", ADD_TRAIN, ADD_HELDOUT, ADD_BROAD, ADD_WIDE, phrasing), phrasing, a=a, b=b
     )
     return Problem(
         "add", question, thinking, f"{expr} = {a + b}.", str(a + b), expr, **_filled("add", a=a, b=b)
@@ -304,7 +310,7 @@ def subtraction(rng: random.Random, phrasing: str = "train") -> Problem:
         lines.append(f"{b} - {a} = {b - a}, so the result is {a - b}")
     lines.append(f"So {expr} = {a - b}.")
     question = _phrase(
-        rng, _templates(SUB_TRAIN, SUB_HELDOUT, SUB_BROAD, SUB_WIDE, phrasing), phrasing, a=a, b=b
+        rng, _templates("sub", SUB_TRAIN, SUB_HELDOUT, SUB_BROAD, SUB_WIDE, phrasing), phrasing, a=a, b=b
     )
     answer, filled = f"{expr} = {a - b}.", _filled("sub", a=a, b=b)
     return Problem("sub", question, "\n".join(lines), answer, str(a - b), expr, **filled)
@@ -393,7 +399,7 @@ def multiplication(rng: random.Random, phrasing: str = "train") -> Problem:
         lines += [f"{p1} + {p2 * 10}", *addition_steps(p1, p2 * 10)]
     lines.append(f"So {expr} = {a * b}.")
     question = _phrase(
-        rng, _templates(MUL_TRAIN, MUL_HELDOUT, MUL_BROAD, MUL_WIDE, phrasing), phrasing, a=a, b=b
+        rng, _templates("mul", MUL_TRAIN, MUL_HELDOUT, MUL_BROAD, MUL_WIDE, phrasing), phrasing, a=a, b=b
     )
     answer, filled = f"{expr} = {a * b}.", _filled("mul", a=a, b=b)
     return Problem("mul", question, "\n".join(lines), answer, str(a * b), expr, **filled)
@@ -526,7 +532,7 @@ def expression(rng: random.Random, phrasing: str = "train") -> Problem:
     expr = _format(tokens, parens)
     thinking = "\n".join([expr, *steps, f"So {expr} = {value}."])
     question = _phrase(
-        rng, _templates(EXPR_TRAIN, EXPR_HELDOUT, EXPR_BROAD, EXPR_WIDE, phrasing), phrasing, e=expr
+        rng, _templates("expr", EXPR_TRAIN, EXPR_HELDOUT, EXPR_BROAD, EXPR_WIDE, phrasing), phrasing, e=expr
     )
     return Problem(
         "expr", question, thinking, f"{expr} = {value}.", str(value), expr, **_filled("expr", e=expr)
@@ -624,7 +630,7 @@ def count_letters(rng: random.Random, phrasing: str = "train") -> Problem:
     )
     question = _phrase(
         rng,
-        _templates(COUNT_TRAIN, COUNT_HELDOUT, COUNT_BROAD, COUNT_WIDE, phrasing),
+        _templates("count", COUNT_TRAIN, COUNT_HELDOUT, COUNT_BROAD, COUNT_WIDE, phrasing),
         phrasing,
         l=letter,
         w=word,
@@ -730,10 +736,12 @@ def compare_decimals(rng: random.Random, phrasing: str = "train") -> Problem:
     larger = rng.random() < 0.6
     lines, winner = compare_steps(x, y, larger)
     if larger:
-        templates = _templates(LARGER_TRAIN, LARGER_HELDOUT, LARGER_BROAD, LARGER_WIDE, phrasing)
+        templates = _templates("larger", LARGER_TRAIN, LARGER_HELDOUT, LARGER_BROAD, LARGER_WIDE, phrasing)
         answer = f"{winner} is larger than {y if winner == x else x}."
     else:
-        templates = _templates(SMALLER_TRAIN, SMALLER_HELDOUT, SMALLER_BROAD, SMALLER_WIDE, phrasing)
+        templates = _templates(
+            "smaller", SMALLER_TRAIN, SMALLER_HELDOUT, SMALLER_BROAD, SMALLER_WIDE, phrasing
+        )
         answer = f"{winner} is smaller than {y if winner == x else x}."
     question = _phrase(rng, templates, phrasing, x=x, y=y)
     filled = _filled("larger" if larger else "smaller", x=x, y=y)
@@ -810,9 +818,13 @@ def sort_numbers(rng: random.Random, phrasing: str = "train") -> Problem:
     result = ", ".join(map(str, out))
     lines.append(f"Last: {left[0]}. So the sorted list is {result}.")
     if ascending:
-        templates = _templates(SORT_UP_TRAIN, SORT_UP_HELDOUT, SORT_UP_BROAD, SORT_UP_WIDE, phrasing)
+        templates = _templates(
+            "sort_up", SORT_UP_TRAIN, SORT_UP_HELDOUT, SORT_UP_BROAD, SORT_UP_WIDE, phrasing
+        )
     else:
-        templates = _templates(SORT_DOWN_TRAIN, SORT_DOWN_HELDOUT, SORT_DOWN_BROAD, SORT_DOWN_WIDE, phrasing)
+        templates = _templates(
+            "sort_down", SORT_DOWN_TRAIN, SORT_DOWN_HELDOUT, SORT_DOWN_BROAD, SORT_DOWN_WIDE, phrasing
+        )
     question = _phrase(rng, templates, phrasing, s=listed)
     filled = _filled("sort_up" if ascending else "sort_down", s=listed)
     return Problem("sort", question, "\n".join(lines), f"The sorted list is {result}.", result, **filled)
@@ -852,7 +864,7 @@ def localize(rng: random.Random, problem: Problem, language: str) -> Problem:
     and answered in it. The thinking stays the canonical English one: it restates the problem in
     symbols first, so the steps after it are the same whatever the question's language."""
     values = dict(problem.values)
-    question = languages.phrase(rng, language, problem.form, problem.phrasing == "heldout", **values)
+    question = languages.phrase(rng, language, problem.form, problem.phrasing, **values)
     if problem.task in ARITHMETIC:
         said = {"expr": problem.expression, "result": problem.result}
     elif problem.task == "count":
@@ -879,7 +891,7 @@ def tool_problem(rng: random.Random, phrasing: str = "train") -> Problem:
         a, b = _number(rng, rng.randint(4, 6)), _number(rng, rng.randint(2 if kind == "mul" else 4, 6))
         op = {"add": "+", "sub": "-", "mul": "*"}[kind]
         task, expr, value, values = kind, f"{a} {op} {b}", _apply(a, op, b), {"a": a, "b": b}
-    question = _phrase(rng, _templates(*_ARITHMETIC_TEMPLATES[task], phrasing), phrasing, **values)
+    question = _phrase(rng, _templates(task, *_ARITHMETIC_TEMPLATES[task], phrasing), phrasing, **values)
     filled = _filled(task, **values)
     return Problem(task, question, expr, f"{expr} = {value}.", str(value), expr, phrasing, **filled)
 

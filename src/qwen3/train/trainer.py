@@ -8,7 +8,7 @@ micro-batches of samples of similar length (:mod:`qwen3.train.data`), right-padd
 3. stage 2, Thinking Mode Fusion, until ``stage3_from``, then stage 3, the same in broader phrasings
    (general), until ``stage4_from``, then stage 4, wider phrasings and more tool use (agent), until
    ``stage5_from``, then stage 5, other languages, off-skill questions and large tool results (polish),
-   until ``steps``,
+   until ``stage6_from``, then stage 6, the same in composed phrasings (breadth), until ``steps``,
 4. writes config.json, model.safetensors, the tokenizer with the official chat template and
    generation_config.json — a folder ``qwen3.load_model`` and transformers both load.
 
@@ -64,6 +64,10 @@ class TrainConfig:
     stage5_from: int = field(
         default=4700,
         metadata={"help": "first step of stage 5: other languages, off-skill questions, large tool results"},
+    )
+    stage6_from: int = field(
+        default=7700,
+        metadata={"help": "first step of stage 6: stage 5 in composed phrasings (after the default steps)"},
     )
     tokens_per_step: int = field(default=8192, metadata={"help": "global batch, in tokens"})
     micro_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per forward pass"})
@@ -237,6 +241,8 @@ class Trainer:
     def stage(self, step: int) -> int:
         if step < self.config.stage1_steps:
             return 1
+        if step >= self.config.stage6_from:
+            return 6
         if step >= self.config.stage5_from:
             return 5
         if step >= self.config.stage4_from:
