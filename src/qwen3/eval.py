@@ -42,18 +42,18 @@ logger = logging.getLogger(__name__)
 EVAL_SEED = 20_250_514  # training draws from Random(f"{seed}:{step}") and Random(seed) with small seeds
 BUDGETS: tuple[int | None, ...] = (0, 8, 16, 32, 64, 128, None)
 TARGETS = {
-    "thinking_accuracy": 0.90,
+    "thinking_accuracy": 0.92,
     "thinking_gain": 0.20,  # thinking minus non-thinking accuracy
     "no_think_flag": 0.99,
     "think_flag": 0.99,
     "multi_turn_latest_flag": 0.95,
-    "tool_use": 0.95,
-    # floors under what the shipped model measures (docs/tiny-model.md), not the goals issue 18 set
-    # (held-out phrasings 92%, tool use 98%, each language 90%), which it misses
-    "heldout_phrasing_accuracy": 0.78,
-    "tool_use_large_operands": 0.93,
+    "tool_use": 0.96,
+    # floors a few points under what the shipped model measures (docs/tiny-model.md); issue 18's goals are
+    # higher where it misses them (thinking 95%, held-out phrasings 92%, each language 90%)
+    "heldout_phrasing_accuracy": 0.85,
+    "tool_use_large_operands": 0.95,
     "declines_off_skill": 0.93,
-    **{f"language_{lang}": 0.4 for lang in languages.LANGUAGES},
+    **{f"language_{lang}": 0.55 for lang in languages.LANGUAGES},
 }
 MAX_TOKENS = 768
 FLAG_PROBE_TOKENS = 8  # enough to see whether the think block opens empty: <think> \n\n </think>
