@@ -5,10 +5,11 @@ training phrasings, 80% on held-out English ones and 50-73% on held-out ones in 
 an unseen frame ("If {a} boxes hold {b} each") was read as a sort. A model this small generalises from
 variety, so here each form has groups of stems and endings whose every combination is a natural
 question (``{a} plus {b}`` x `` is what?``), written per language, several hundred templates in all
-per language. None of them uses a word (for Chinese and Japanese, a pair of characters) that only the
-held-out templates use (tests/test_train_composed.py): the held-out evaluation still asks in wording
-training never shows, so what it measures is the model finding the operation and the numbers in an
-unseen sentence, not memory.
+per language. None of them uses a word (for Chinese and Japanese, a pair of characters) that the form's
+held-out templates use and its older training templates do not, nor one that only held-out templates of
+any form use (tests/test_train_composed.py): the held-out evaluation still asks in wording training never
+shows, so what it measures is the model finding the operation and the numbers in an unseen sentence,
+not memory.
 
 A group is ``(stems, endings)``; its templates are every ``stem + ending``. A group of whole templates
 has the single ending ``""``.
