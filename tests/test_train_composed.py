@@ -12,16 +12,8 @@ from qwen3.train import composed, languages, tasks
 from tests.test_train_languages import _fields, _wording
 
 ENGLISH = {  # form: (every training template of stages 2-5, the held-out ones)
-    "add": (tasks.ADD_TRAIN + tasks.ADD_BROAD + tasks.ADD_WIDE, tasks.ADD_HELDOUT),
-    "sub": (tasks.SUB_TRAIN + tasks.SUB_BROAD + tasks.SUB_WIDE, tasks.SUB_HELDOUT),
-    "mul": (tasks.MUL_TRAIN + tasks.MUL_BROAD + tasks.MUL_WIDE, tasks.MUL_HELDOUT),
-    "expr": (tasks.EXPR_TRAIN + tasks.EXPR_BROAD + tasks.EXPR_WIDE, tasks.EXPR_HELDOUT),
-    "count": (tasks.COUNT_TRAIN + tasks.COUNT_BROAD + tasks.COUNT_WIDE, tasks.COUNT_HELDOUT),
-    "larger": (tasks.LARGER_TRAIN + tasks.LARGER_BROAD + tasks.LARGER_WIDE, tasks.LARGER_HELDOUT),
-    "smaller": (tasks.SMALLER_TRAIN + tasks.SMALLER_BROAD + tasks.SMALLER_WIDE, tasks.SMALLER_HELDOUT),
-    "sort_up": (tasks.SORT_UP_TRAIN + tasks.SORT_UP_BROAD + tasks.SORT_UP_WIDE, tasks.SORT_UP_HELDOUT),
-    "sort_down": (tasks.SORT_DOWN_TRAIN + tasks.SORT_DOWN_BROAD + tasks.SORT_DOWN_WIDE, tasks.SORT_DOWN_HELDOUT),
-}  # fmt: skip
+    form: (train + broad + wide, heldout) for form, (train, heldout, broad, wide) in tasks.TEMPLATES.items()
+}
 ALL = ("en", *languages.LANGUAGES)
 
 

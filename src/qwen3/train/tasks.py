@@ -111,15 +111,9 @@ def _phrase(rng: random.Random, templates: tuple[str, ...], phrasing: str, **val
     return text
 
 
-def _templates(
-    form: str,
-    train: tuple[str, ...],
-    heldout: tuple[str, ...],
-    broad: tuple[str, ...],
-    wide: tuple[str, ...],
-    phrasing: str,
-) -> tuple[str, ...]:
+def _templates(form: str, phrasing: str) -> tuple[str, ...]:
     """The templates ``phrasing`` draws questions of ``form`` from: each wider phrasing adds to the last."""
+    train, heldout, broad, wide = TEMPLATES[form]
     if phrasing == "train":
         return train
     if phrasing == "heldout":
@@ -223,9 +217,7 @@ def addition(rng: random.Random, phrasing: str = "train") -> Problem:
     a, b = _number(rng, rng.randint(2, 4)), _number(rng, rng.randint(2, 4))
     expr = f"{a} + {b}"
     thinking = "\n".join([f"{expr}", *addition_steps(a, b), f"So {expr} = {a + b}."])
-    question = _phrase(
-        rng, _templates("add", ADD_TRAIN, ADD_HELDOUT, ADD_BROAD, ADD_WIDE, phrasing), phrasing, a=a, b=b
-    )
+    question = _phrase(rng, _templates("add", phrasing), phrasing, a=a, b=b)
     return Problem(
         "add", question, thinking, f"{expr} = {a + b}.", str(a + b), expr, **_filled("add", a=a, b=b)
     )
@@ -309,9 +301,7 @@ def subtraction(rng: random.Random, phrasing: str = "train") -> Problem:
     if a < b:
         lines.append(f"{b} - {a} = {b - a}, so the result is {a - b}")
     lines.append(f"So {expr} = {a - b}.")
-    question = _phrase(
-        rng, _templates("sub", SUB_TRAIN, SUB_HELDOUT, SUB_BROAD, SUB_WIDE, phrasing), phrasing, a=a, b=b
-    )
+    question = _phrase(rng, _templates("sub", phrasing), phrasing, a=a, b=b)
     answer, filled = f"{expr} = {a - b}.", _filled("sub", a=a, b=b)
     return Problem("sub", question, "\n".join(lines), answer, str(a - b), expr, **filled)
 
@@ -398,9 +388,7 @@ def multiplication(rng: random.Random, phrasing: str = "train") -> Problem:
         lines += [f"{a} * {tens}:", *steps, f"times 10: {p2 * 10}"]
         lines += [f"{p1} + {p2 * 10}", *addition_steps(p1, p2 * 10)]
     lines.append(f"So {expr} = {a * b}.")
-    question = _phrase(
-        rng, _templates("mul", MUL_TRAIN, MUL_HELDOUT, MUL_BROAD, MUL_WIDE, phrasing), phrasing, a=a, b=b
-    )
+    question = _phrase(rng, _templates("mul", phrasing), phrasing, a=a, b=b)
     answer, filled = f"{expr} = {a * b}.", _filled("mul", a=a, b=b)
     return Problem("mul", question, "\n".join(lines), answer, str(a * b), expr, **filled)
 
@@ -531,9 +519,7 @@ def expression(rng: random.Random, phrasing: str = "train") -> Problem:
     steps, value = evaluated
     expr = _format(tokens, parens)
     thinking = "\n".join([expr, *steps, f"So {expr} = {value}."])
-    question = _phrase(
-        rng, _templates("expr", EXPR_TRAIN, EXPR_HELDOUT, EXPR_BROAD, EXPR_WIDE, phrasing), phrasing, e=expr
-    )
+    question = _phrase(rng, _templates("expr", phrasing), phrasing, e=expr)
     return Problem(
         "expr", question, thinking, f"{expr} = {value}.", str(value), expr, **_filled("expr", e=expr)
     )
@@ -630,7 +616,7 @@ def count_letters(rng: random.Random, phrasing: str = "train") -> Problem:
     )
     question = _phrase(
         rng,
-        _templates("count", COUNT_TRAIN, COUNT_HELDOUT, COUNT_BROAD, COUNT_WIDE, phrasing),
+        _templates("count", phrasing),
         phrasing,
         l=letter,
         w=word,
@@ -736,12 +722,10 @@ def compare_decimals(rng: random.Random, phrasing: str = "train") -> Problem:
     larger = rng.random() < 0.6
     lines, winner = compare_steps(x, y, larger)
     if larger:
-        templates = _templates("larger", LARGER_TRAIN, LARGER_HELDOUT, LARGER_BROAD, LARGER_WIDE, phrasing)
+        templates = _templates("larger", phrasing)
         answer = f"{winner} is larger than {y if winner == x else x}."
     else:
-        templates = _templates(
-            "smaller", SMALLER_TRAIN, SMALLER_HELDOUT, SMALLER_BROAD, SMALLER_WIDE, phrasing
-        )
+        templates = _templates("smaller", phrasing)
         answer = f"{winner} is smaller than {y if winner == x else x}."
     question = _phrase(rng, templates, phrasing, x=x, y=y)
     filled = _filled("larger" if larger else "smaller", x=x, y=y)
@@ -817,16 +801,9 @@ def sort_numbers(rng: random.Random, phrasing: str = "train") -> Problem:
     out.append(left[0])
     result = ", ".join(map(str, out))
     lines.append(f"Last: {left[0]}. So the sorted list is {result}.")
-    if ascending:
-        templates = _templates(
-            "sort_up", SORT_UP_TRAIN, SORT_UP_HELDOUT, SORT_UP_BROAD, SORT_UP_WIDE, phrasing
-        )
-    else:
-        templates = _templates(
-            "sort_down", SORT_DOWN_TRAIN, SORT_DOWN_HELDOUT, SORT_DOWN_BROAD, SORT_DOWN_WIDE, phrasing
-        )
-    question = _phrase(rng, templates, phrasing, s=listed)
-    filled = _filled("sort_up" if ascending else "sort_down", s=listed)
+    form = "sort_up" if ascending else "sort_down"
+    question = _phrase(rng, _templates(form, phrasing), phrasing, s=listed)
+    filled = _filled(form, s=listed)
     return Problem("sort", question, "\n".join(lines), f"The sorted list is {result}.", result, **filled)
 
 
@@ -842,11 +819,16 @@ GENERATORS: dict[str, Callable[[random.Random, str], Problem]] = {
     "sort": sort_numbers,
 }
 ARITHMETIC = ("add", "sub", "mul", "expr")  # the tasks a calculator tool can answer
-_ARITHMETIC_TEMPLATES = {  # train, heldout, broad, wide
+TEMPLATES = {  # per form (languages.FORMS): the train, held-out, broad and wide templates
     "add": (ADD_TRAIN, ADD_HELDOUT, ADD_BROAD, ADD_WIDE),
     "sub": (SUB_TRAIN, SUB_HELDOUT, SUB_BROAD, SUB_WIDE),
     "mul": (MUL_TRAIN, MUL_HELDOUT, MUL_BROAD, MUL_WIDE),
     "expr": (EXPR_TRAIN, EXPR_HELDOUT, EXPR_BROAD, EXPR_WIDE),
+    "count": (COUNT_TRAIN, COUNT_HELDOUT, COUNT_BROAD, COUNT_WIDE),
+    "larger": (LARGER_TRAIN, LARGER_HELDOUT, LARGER_BROAD, LARGER_WIDE),
+    "smaller": (SMALLER_TRAIN, SMALLER_HELDOUT, SMALLER_BROAD, SMALLER_WIDE),
+    "sort_up": (SORT_UP_TRAIN, SORT_UP_HELDOUT, SORT_UP_BROAD, SORT_UP_WIDE),
+    "sort_down": (SORT_DOWN_TRAIN, SORT_DOWN_HELDOUT, SORT_DOWN_BROAD, SORT_DOWN_WIDE),
 }
 
 
@@ -891,7 +873,7 @@ def tool_problem(rng: random.Random, phrasing: str = "train") -> Problem:
         a, b = _number(rng, rng.randint(4, 6)), _number(rng, rng.randint(2 if kind == "mul" else 4, 6))
         op = {"add": "+", "sub": "-", "mul": "*"}[kind]
         task, expr, value, values = kind, f"{a} {op} {b}", _apply(a, op, b), {"a": a, "b": b}
-    question = _phrase(rng, _templates(task, *_ARITHMETIC_TEMPLATES[task], phrasing), phrasing, **values)
+    question = _phrase(rng, _templates(task, phrasing), phrasing, **values)
     filled = _filled(task, **values)
     return Problem(task, question, expr, f"{expr} = {value}.", str(value), expr, phrasing, **filled)
 
