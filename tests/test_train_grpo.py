@@ -11,7 +11,7 @@ import torch
 from qwen3.chat import parse_output
 from qwen3.llm import LLM
 from qwen3.sampling import SamplingParams
-from qwen3.train import languages, rollout, tasks
+from qwen3.train import data, languages, rollout, tasks
 from qwen3.train.grpo import GRPO, GRPOConfig, group_advantages, judge
 from qwen3.train.trainer import make_optimizer
 
@@ -130,6 +130,18 @@ def test_stage5_prompts_mix_languages_refusals_and_large_tool_problems() -> None
     assert any(p.problem.task == tasks.DECLINE for p in items)
     assert any(p.expects_tool_call and len(p.problem.result) >= 7 for p in items)
     assert all(p.problem.phrasing != "heldout" for p in items)
+
+
+def test_off_skill_sets_the_share_of_refusals_grpo_asks() -> None:
+    """More off-skill prompts keep the honest refusal rewarded in both modes while arithmetic is trained."""
+    trainer = GRPO(GRPOConfig(prompt_stage=6, off_skill=0.6), None, progress=False)
+    share = [
+        sum(p.problem.task == tasks.DECLINE for p in rollout.prompts(0, 0, 400, mix, stage=6)) / 400
+        for mix in (data.DataMix(), trainer.mix)
+    ]
+    assert share[0] < 0.2 and 0.5 < share[1] < 0.7, share
+    with pytest.raises(ValueError, match="off_skill"):
+        GRPOConfig(off_skill=0.95)
 
 
 def test_group_advantages_are_relative_and_flat_groups_zero() -> None:

@@ -6,8 +6,10 @@ GRPO (Shao et al., 2024), as the report uses it, at the tiny model's scale. Each
    thinking and non-thinking, soft and hard switches, multi-turn, the calculator offered), so both modes
    and tool calls keep being exercised; with ``prompt_stage`` 5, the polish stage's, which adds questions in
    other languages (answers count only in the question's language), off-skill questions (the honest
-   refusal counts) and large tool problems; ``after_tool`` of the tool dialogs are asked after the tool's
-   response, where the reward is for an answer that copies its result;
+   refusal counts; ``off_skill`` of the prompts, SFT's share unless raised so that the refusals, nearly
+   always right and so in flat groups, still get enough signal against the arithmetic's) and large tool
+   problems; ``after_tool`` of the tool dialogs are asked after the tool's response, where the reward is
+   for an answer that copies its result;
 2. ``group_size`` replies to each through qwen3's engine (``LLM.run_requests`` with ``n``, seeded by (seed,
    step), all prompts in one batch), sampled from the policy itself: the engine's model is the model
    being trained (see :mod:`qwen3.train.rollout`);
@@ -77,6 +79,10 @@ class GRPOConfig:
     agent_tools: float = field(
         default=0.25, metadata={"help": "share of prompts offered the calculator beyond the usual mix"}
     )
+    off_skill: float = field(
+        default=data.DataMix.off_skill, metadata={"help": "share of stage 5 and 6 prompts outside the skills "
+                                                  "(the honest refusal is rewarded)"}
+    )  # fmt: skip
     after_tool: float = field(
         default=0.0, metadata={"help": "share of tool dialogs asked after the tool's response (rewarded when "
                                "the answer holds the result)"}
@@ -93,6 +99,8 @@ class GRPOConfig:
                   ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
                   ("lr", self.lr > 0, "must be > 0"),
                   ("prompt_stage", self.prompt_stage in (4, 5, 6), "must be 4, 5 or 6"),
+                  ("off_skill", 0 <= self.off_skill <= 1 - data.DataMix.tool_problems,
+                   f"must be in [0, {1 - data.DataMix.tool_problems}]"),
                   ("after_tool", 0 <= self.after_tool <= 1, "must be in [0, 1]")]  # fmt: skip
         rollout.check_config(self, checks)
 
@@ -164,7 +172,9 @@ class GRPO(rollout.OnPolicyRun):
             self.reference.requires_grad_(False)
             self.reference.use_cpu_kernels()
         self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay)
-        self.mix = dataclasses.replace(data.DataMix(), agent_tools=config.agent_tools)
+        self.mix = dataclasses.replace(
+            data.DataMix(), agent_tools=config.agent_tools, off_skill=config.off_skill
+        )
 
     def rollouts(self, step: int) -> list[list[rollout.Rollout]]:
         """The step's groups of replies, judged and rewarded."""
