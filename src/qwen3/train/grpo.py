@@ -6,9 +6,9 @@ GRPO (Shao et al., 2024), as the report uses it, at the tiny model's scale. Each
    thinking and non-thinking, soft and hard switches, multi-turn, the calculator offered), so both modes
    and tool calls keep being exercised; with ``prompt_stage`` 5, the polish stage's, which adds questions in
    other languages (answers count only in the question's language), off-skill questions (the honest
-   refusal counts; ``off_skill`` of the prompts, SFT's share unless raised so that the refusals, nearly
-   always right and so in flat groups, still get enough signal against the arithmetic's) and large tool
-   problems; ``after_tool`` of the tool dialogs are asked after the tool's response, where the reward is
+   refusal counts; ``off_skill`` of the prompts, SFT's share by default: refusals are nearly always
+   right, so their groups are flat and carry no signal; 0.4 did not keep the non-thinking ones either,
+   docs/tiny-model.md) and large tool problems; ``after_tool`` of the tool dialogs are asked after the tool's response, where the reward is
    for an answer that copies its result;
 2. ``group_size`` replies to each through qwen3's engine (``LLM.run_requests`` with ``n``, seeded by (seed,
    step), all prompts in one batch), sampled from the policy itself: the engine's model is the model
